@@ -1,0 +1,134 @@
+"""Default config: the full RcAE method on the built-in synthetic category.
+
+Command (first run generates the data into ~/.cache/rcae_jax, later runs
+resume from the workdir's checkpoints):
+
+    python -m rcae_jax.main --config configs/default.py --workdir workdirs/default
+
+Hardware and expected result: see README.md, section "Default run", for the
+measured wall time on 2 CPU cores and the metrics it writes to
+workdirs/default/metrics.json (image and pixel AUROC >= 0.90).
+
+Every field is commented. Override any of them on the command line, e.g.
+`--config.model.depth=3 --config.train.stage1.steps=100`.
+"""
+
+import ml_collections
+
+from rcae_jax import anomalies
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # What main does: 'train' (all stages, then evaluate) or 'evaluate' (load
+  # the latest checkpoint in --workdir and evaluate it).
+  config.mode = 'train'
+  # Seed for parameters, batch order, depth sampling and pseudo-anomalies.
+  config.seed = 0
+
+  # ---------------------------------------------------------------- data
+  config.data = data = ml_collections.ConfigDict()
+  # Folder holding MVTec-layout category folders. Empty: the built-in
+  # synthetic category, generated on first use into `synthetic_cache`.
+  data.root = ''
+  # Category folder name under `root` (ignored for the built-in data).
+  data.category = 'synthetic'
+  # Where the built-in category is written; '' means ~/.cache/rcae_jax
+  # (or $RCAE_JAX_CACHE when set).
+  data.synthetic_cache = ''
+  # Number of images of the built-in category (train good / test good /
+  # test defective per kind). Small so that the default run is fast on CPU.
+  data.synthetic_train = 200
+  data.synthetic_test_good = 40
+  data.synthetic_test_per_defect = 20
+  # Side of the generated images in pixels.
+  data.synthetic_size = 128
+  # Model input size (square); images are resized to it.
+  data.image_size = 64
+  # 'auto' (tf.data if TensorFlow imports, else in memory), 'tfdata' or
+  # 'memory'. Both yield identical batches for the same seed.
+  data.loader = 'auto'
+  # Decode threads for the in-memory loader (tf.data uses AUTOTUNE).
+  data.num_workers = 4
+
+  # --------------------------------------------------------------- model
+  config.model = model = ml_collections.ConfigDict()
+  # 'depth' (the paper: each step halves the resolution, I_R^n =
+  # D^n(E^n(I))) or 'iterative' (full-resolution reconstruction fed back
+  # through one shared autoencoder, x_t = R(x_{t-1}), via nn.scan).
+  model.recursion = 'depth'
+  # N: recursion depth at test time (paper: 5). Training draws the depth
+  # uniformly from [1, N] per batch.
+  model.depth = 4
+  # Width of the shared encoder / decoder steps (paper-sized runs: 128).
+  model.width = 32
+  # Residual blocks per encoder step and per decoder step.
+  model.num_res_blocks = 1
+  # Channels of the image-space bottleneck between recursion steps.
+  model.bottleneck_channels = 3
+  # Skip connection inside the recursion: the decoder step at resolution r
+  # also sees the encoder output at r (never at full resolution, so no
+  # identity path exists).
+  model.skips = True
+  # Share E and D across depths (the paper's point). False only for the
+  # ablation; then parameters grow with N.
+  model.share_weights = True
+  # Base width of the Detail Preservation Network (4-level conv AE).
+  model.dpn_width = 16
+  # Base width of the Cross Recursion Detection network (4-level 3D AE).
+  model.crd_width = 8
+  # How many recursion steps CRD sees (the paper's 1/3/5 ablation); 0 = all N.
+  model.crd_steps = 0
+  # Scan the iterative recursion unrolled (True is required for speed on
+  # XLA:CPU, jax-ml/jax#12868); rolled is fine on GPU/TPU.
+  model.scan_unroll = True
+  # Compute dtype of the networks ('float32' or 'bfloat16'); params stay f32.
+  model.dtype = 'float32'
+
+  # --------------------------------------------------------------- train
+  config.train = train = ml_collections.ConfigDict()
+  # Per-device batch size times device count.
+  train.batch_size = 16
+  # Log scalars every this many steps.
+  train.log_every = 50
+  # Save a checkpoint every this many steps (and always at stage ends).
+  train.checkpoint_every = 200
+  # Checkpoints kept.
+  train.keep_checkpoints = 2
+  # Stage 1: RcAE (E, D) on normal images; L1 + gradient L1.
+  train.stage1 = ml_collections.ConfigDict()
+  train.stage1.steps = 1500
+  train.stage1.learning_rate = 1e-3
+  # Stage 2: DPN with RcAE frozen; 0 steps skips it (ablation "no DPN").
+  train.stage2 = ml_collections.ConfigDict()
+  train.stage2.steps = 300
+  train.stage2.learning_rate = 1e-3
+  # Stage 3: CRD on pseudo-anomalies with RcAE and DPN frozen; 0 skips it.
+  train.stage3 = ml_collections.ConfigDict()
+  train.stage3.steps = 600
+  train.stage3.learning_rate = 1e-3
+  # Optional cross-depth consistency loss weight in stage 1 (ours, off).
+  train.consistency_weight = 0.0
+
+  # Pseudo-anomaly synthesis for stage 3 (see rcae_jax/anomalies.py).
+  config.anomalies = anomalies.default_config()
+
+  # ---------------------------------------------------------------- eval
+  config.eval = ev = ml_collections.ConfigDict()
+  # Pixel map: 'crd' (the paper's M_A; needs stage 3) or 'recursion'
+  # (reconstruction error across depths; works after stage 1 alone).
+  ev.scoring = 'crd'
+  # Image score: 'max' of the map after smoothing with `smoothing`
+  # ('box' or 'gaussian', `smoothing_size` pixels), or 'mean'.
+  ev.image_score = 'max'
+  ev.smoothing = 'box'
+  ev.smoothing_size = 8
+  # Batch size for evaluation.
+  ev.batch_size = 16
+  # Gaussian blur (sigma, px) of the recursion-error map; 0 = none.
+  ev.map_sigma = 1.0
+  # Pixel metrics at the ground-truth masks' own size ("ground_truth",
+  # as the official MVTec evaluation) or at the model size ("model").
+  ev.pixel_resolution = "ground_truth"
+  return config

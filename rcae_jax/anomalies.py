@@ -1,0 +1,386 @@
+"""Pseudo-anomaly synthesis for RcAE stage 3 (training the CRD detector).
+
+Stage 3 only sees defect-free images, so anomalies are synthesised on the fly:
+
+* ``patch``      -- a solid-colour axis-aligned rectangle or ellipse,
+* ``line``       -- a straight segment of random width (a scratch),
+* ``copy_paste`` -- a rectangle cut from the same image and pasted elsewhere,
+                    optionally flipped, rotated by 90 degrees and re-brightened.
+
+Every shape is alpha-blended with an opacity in ``[min_opacity, 1]``.  A
+fraction of the samples is left clean (all-zero mask) so the detector also
+learns to answer "nothing here".
+
+Everything is written as pure, jittable JAX: all randomness comes from
+``jax.random``, every array has a static shape, and choices between kinds are
+made by computing every enabled kind and selecting with ``jnp.where`` (no
+Python control flow on traced values).  The config is read in Python at trace
+time, so it is static.  ``synthesize`` vmaps ``synthesize_one`` over the batch
+and can run inside the jitted stage-3 train step on the accelerator.
+
+Mask contract: the returned mask is exactly the set of pixels that differ from
+the input.  Pixels outside the mask are bit-identical to the input, pixels
+inside differ by more than ``CHANGE_EPS`` in at least one channel.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+# A pixel counts as changed when some channel moved by more than this.
+CHANGE_EPS = 1e-6
+
+KINDS = ('patch', 'line', 'copy_paste')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Default pseudo-anomaly settings (all static; read at trace time)."""
+  c = ml_collections.ConfigDict()
+  # Probability that a sample is returned unchanged with an all-zero mask, so
+  # the detector sees negatives too.
+  c.clean_fraction = 0.2
+  # Anomaly kinds to draw from (names in KINDS), and their relative weights.
+  # Tuples, not lists, so the config stays hashable/static.
+  c.kinds = ('patch', 'line', 'copy_paste')
+  c.kind_weights = (1.0, 1.0, 1.0)
+  # Side length of patches / copy-paste regions as a fraction of the image
+  # side (height for the vertical side, width for the horizontal one).
+  c.min_size = 0.05
+  c.max_size = 0.3
+  # Each anomalous sample gets between 1 and max_patches shapes; each shape
+  # independently draws its own kind.
+  c.max_patches = 3
+  # Maximum line width as a fraction of the shorter image side; a line is
+  # always at least 1 px wide.
+  c.line_width_max = 0.03
+  # Minimum mean absolute change (per channel) inside a shape, so anomalies
+  # are not invisible: colours are pushed away from the local mean, and
+  # copy-pastes that barely differ from what they cover get a brightness
+  # offset.  Guaranteed (per shape, relative to the image it is drawn on) for
+  # patches and lines; copy-paste can fall slightly short through clipping to
+  # [0, 1], and later shapes overlapping earlier ones can reduce the change.
+  c.min_contrast = 0.15
+  # Opacity of every shape is uniform in [min_opacity, 1].
+  c.min_opacity = 0.5
+  # Probability that a patch is an ellipse instead of a rectangle.
+  c.ellipse_prob = 0.5
+  # Copy-paste transforms: probability of each flip (vertical and horizontal
+  # independently), probability of a 90-degree rotation (forces a square
+  # region), and maximum relative brightness change (multiplicative, +-).
+  c.flip_prob = 0.5
+  c.rotate_prob = 0.5
+  c.brightness_max = 0.2
+  return c
+
+
+def _validate(config) -> Tuple[Tuple[str, ...], Tuple[float, ...]]:
+  """Checks the static config; returns (kinds, weights) as tuples."""
+  kinds = tuple(config.kinds)
+  weights = tuple(float(w) for w in config.kind_weights)
+  if not kinds:
+    raise ValueError('config.kinds must name at least one kind')
+  for k in kinds:
+    if k not in KINDS:
+      raise ValueError(f'unknown anomaly kind {k!r}; expected one of {KINDS}')
+  if len(set(kinds)) != len(kinds):
+    raise ValueError(f'duplicate kinds in {kinds}')
+  if len(weights) != len(kinds):
+    raise ValueError(
+        f'kind_weights has {len(weights)} entries for {len(kinds)} kinds')
+  if any(w < 0 for w in weights) or sum(weights) <= 0:
+    raise ValueError(f'kind_weights must be >= 0 with a positive sum: {weights}')
+  if not 0.0 <= config.clean_fraction <= 1.0:
+    raise ValueError('clean_fraction must lie in [0, 1]')
+  if not 0.0 < config.min_size <= config.max_size <= 1.0:
+    raise ValueError('need 0 < min_size <= max_size <= 1')
+  if int(config.max_patches) < 1:
+    raise ValueError('max_patches must be >= 1')
+  if not 0.0 < config.min_opacity <= 1.0:
+    raise ValueError('min_opacity must lie in (0, 1]')
+  if config.min_contrast < 0:
+    raise ValueError('min_contrast must be >= 0')
+  return kinds, weights
+
+
+# ---------------------------------------------------------------------------
+# Helpers (all operate on one image [H, W, C]).
+#
+# All random numbers of all shapes come from one jax.random.uniform call and
+# are sliced out here, and shapes are drawn in a lax.fori_loop rather than an
+# unrolled Python loop.  Both keep XLA compile time low (about 1.5 s instead
+# of about 9 s on CPU), which matters because the config is static and every
+# new config recompiles.
+# ---------------------------------------------------------------------------
+
+
+class _Draws:
+  """Hands out consecutive entries of a pre-drawn uniform [0, 1) vector."""
+
+  def __init__(self, u):
+    self._u = u
+    self._i = 0
+
+  def uniform(self, lo=0.0, hi=1.0, n=None):
+    size = 1 if n is None else n
+    v = self._u[self._i:self._i + size]
+    self._i += size
+    if self._i > self._u.shape[0]:  # static check at trace time
+      raise ValueError('ran out of pre-drawn random numbers')
+    v = lo + (hi - lo) * v
+    return v[0] if n is None else v
+
+  def randint(self, lo, hi):
+    """Integer in [lo, hi) (hi may be traced; requires hi > lo)."""
+    span = hi - lo
+    k = jnp.floor(self.uniform() * span).astype(jnp.int32)
+    return lo + jnp.clip(k, 0, span - 1)
+
+  def bernoulli(self, p):
+    return self.uniform() < p
+
+
+def _draws_per_shape(c):
+  """Random numbers per shape: kind+opacity, patch, line, copy-paste."""
+  return 2 + (5 + c) + (5 + c) + 10
+
+
+def _side_px(r, frac_lo, frac_hi, side):
+  """Random integer side length in [1, side] from a fraction range."""
+  frac = r.uniform(frac_lo, frac_hi)
+  return jnp.clip(jnp.round(frac * side).astype(jnp.int32), 1, side)
+
+
+def _region_mean(region, image):
+  """Per-channel mean of image over a boolean [H, W] region -> [C]."""
+  w = region.astype(image.dtype)[..., None]
+  return jnp.sum(w * image, axis=(0, 1)) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def _push_colour(colour, mean, required):
+  """Moves each channel of colour at least `required` away from mean.
+
+  Channels already far enough keep their colour.  Otherwise the colour is set
+  to mean +- required, preferring the side the colour was already on, then the
+  other side; if neither fits in [0, 1] (required > 0.5) it goes to the far
+  end of the range, which is the largest achievable change.
+  """
+  d = colour - mean
+  up, down = mean + required, mean - required
+  prefer_up = d >= 0
+  pref = jnp.where(prefer_up, up, down)
+  other = jnp.where(prefer_up, down, up)
+  ok = lambda v: (v >= 0.0) & (v <= 1.0)
+  fallback = jnp.where(mean < 0.5, 1.0, 0.0)
+  pushed = jnp.where(ok(pref), pref, jnp.where(ok(other), other, fallback))
+  return jnp.where(jnp.abs(d) >= required, colour, pushed)
+
+
+def _patch(r, cur, yy, xx, config):
+  """Solid-colour rectangle or ellipse. Returns (region [H,W], colour [C])."""
+  h_img, w_img, c = cur.shape
+  h = _side_px(r, config.min_size, config.max_size, h_img)
+  w = _side_px(r, config.min_size, config.max_size, w_img)
+  y0 = r.randint(0, h_img - h + 1)
+  x0 = r.randint(0, w_img - w + 1)
+  rect = (yy >= y0) & (yy < y0 + h) & (xx >= x0) & (xx < x0 + w)
+  # Ellipse inscribed in the rectangle, tested at pixel centres; a 1-px side
+  # gives semi-axis 0.5 and still covers the centre row/column.
+  cy = y0.astype(jnp.float32) + h / 2.0
+  cx = x0.astype(jnp.float32) + w / 2.0
+  ry = h / 2.0
+  rx = w / 2.0
+  ell = (((yy + 0.5 - cy) / ry) ** 2 + ((xx + 0.5 - cx) / rx) ** 2) <= 1.0
+  use_ellipse = r.bernoulli(config.ellipse_prob)
+  region = jnp.where(use_ellipse, ell & rect, rect)
+  colour = r.uniform(n=c)
+  return region, colour
+
+
+def _line(r, cur, yy, xx, config):
+  """Straight segment with width. Returns (region [H,W], colour [C])."""
+  h_img, w_img, c = cur.shape
+  # First endpoint on a pixel centre, so the segment always covers a pixel.
+  y1 = r.randint(0, h_img).astype(jnp.float32) + 0.5
+  x1 = r.randint(0, w_img).astype(jnp.float32) + 0.5
+  y2 = r.uniform(0.0, float(h_img))
+  x2 = r.uniform(0.0, float(w_img))
+  max_w = max(1.0, float(config.line_width_max) * min(h_img, w_img))
+  width = r.uniform(1.0, max_w)
+  py = yy.astype(jnp.float32) + 0.5
+  px = xx.astype(jnp.float32) + 0.5
+  dy, dx = y2 - y1, x2 - x1
+  len2 = dy * dy + dx * dx
+  t = ((py - y1) * dy + (px - x1) * dx) / jnp.maximum(len2, 1e-12)
+  t = jnp.clip(t, 0.0, 1.0)
+  dist2 = (py - (y1 + t * dy)) ** 2 + (px - (x1 + t * dx)) ** 2
+  region = dist2 <= (width / 2.0) ** 2
+  colour = r.uniform(n=c)
+  return region, colour
+
+
+def _copy_paste(r, cur, yy, xx, opacity, config):
+  """Region cut from `cur`, transformed, pasted elsewhere.
+
+  Returns (region [H,W], fill [H,W,C]) with region = destination rectangle.
+  """
+  h_img, w_img, _ = cur.shape
+  h = _side_px(r, config.min_size, config.max_size, h_img)
+  w = _side_px(r, config.min_size, config.max_size, w_img)
+  rotate = r.bernoulli(config.rotate_prob)
+  # A 90-degree rotation maps an s x s square onto itself.
+  s = jnp.minimum(h, w)
+  h = jnp.where(rotate, s, h)
+  w = jnp.where(rotate, s, w)
+  sy0 = r.randint(0, h_img - h + 1)
+  sx0 = r.randint(0, w_img - w + 1)
+  dy0 = r.randint(0, h_img - h + 1)
+  dx0 = r.randint(0, w_img - w + 1)
+  region = (yy >= dy0) & (yy < dy0 + h) & (xx >= dx0) & (xx < dx0 + w)
+
+  # Source coordinates for every destination pixel (only used inside region).
+  u = jnp.clip(yy - dy0, 0, h - 1)
+  v = jnp.clip(xx - dx0, 0, w - 1)
+  u = jnp.where(r.bernoulli(config.flip_prob), h - 1 - u, u)
+  v = jnp.where(r.bernoulli(config.flip_prob), w - 1 - v, v)
+  u, v = jnp.where(rotate, v, u), jnp.where(rotate, s - 1 - u, v)
+  src_y = jnp.clip(sy0 + u, 0, h_img - 1)
+  src_x = jnp.clip(sx0 + v, 0, w_img - 1)
+  pasted = cur[src_y, src_x]  # [H, W, C]
+
+  b = r.uniform(-config.brightness_max, config.brightness_max)
+  pasted = jnp.clip(pasted * (1.0 + b), 0.0, 1.0)
+
+  # If the paste barely changes what it covers (e.g. uniform texture), shift
+  # its brightness per channel so that its mean moves `min_contrast /
+  # opacity` away from the mean of the covered pixels; since mean|x| >=
+  # |mean x|, the mean absolute change then reaches min_contrast (up to
+  # clipping).  Pastes that already differ enough are left as they are.
+  required = config.min_contrast / opacity
+  wmask = region.astype(cur.dtype)[..., None]
+  n = jnp.maximum(jnp.sum(wmask), 1.0)
+  change = jnp.sum(wmask * jnp.abs(pasted - cur), axis=(0, 1)) / n  # [C]
+  p_mean = jnp.sum(wmask * pasted, axis=(0, 1)) / n
+  c_mean = jnp.sum(wmask * cur, axis=(0, 1)) / n
+  shift = _push_colour(p_mean, c_mean, required) - p_mean
+  shifted = jnp.clip(pasted + shift, 0.0, 1.0)
+  pasted = jnp.where(change < required, shifted, pasted)
+  return region, pasted
+
+
+# ---------------------------------------------------------------------------
+# Public API.
+# ---------------------------------------------------------------------------
+
+
+def synthesize_one(key: jax.Array, image: jax.Array, config
+                   ) -> Tuple[jax.Array, jax.Array]:
+  """Synthesises pseudo-anomalies on one image.
+
+  Args:
+    key: PRNG key.
+    image: float [H, W, C] in [0, 1], C = 1 or 3 (any C works).
+    config: ConfigDict like `default_config()` (static).
+
+  Returns:
+    (anomalous [H, W, C] float32 in [0, 1], mask [H, W, 1] float32 in {0, 1}),
+    where the mask is exactly the set of changed pixels.
+  """
+  kinds, weights = _validate(config)
+  image = jnp.asarray(image, jnp.float32)
+  if image.ndim != 3:
+    raise ValueError(f'expected image [H, W, C], got shape {image.shape}')
+  h_img, w_img, c = image.shape
+  yy = jnp.arange(h_img, dtype=jnp.int32)[:, None]
+  xx = jnp.arange(w_img, dtype=jnp.int32)[None, :]
+  yy, xx = jnp.broadcast_arrays(yy, xx)
+
+  max_patches = int(config.max_patches)
+  n_draws = _draws_per_shape(c)
+  k_sample, k_shapes = jax.random.split(key)
+  # [0]: clean?, [1]: number of shapes.
+  sample_u = jax.random.uniform(k_sample, (2,))
+  n_shapes = 1 + jnp.clip(jnp.floor(sample_u[1] * max_patches).astype(
+      jnp.int32), 0, max_patches - 1)
+  # Kind index = first bin of the normalised cumulative weights above u.
+  cum = jnp.cumsum(jnp.asarray(weights, jnp.float32))
+  cum = cum / cum[-1]
+  shape_u = jax.random.uniform(k_shapes, (max_patches, n_draws))
+
+  def add_shape(i, carry):
+    """Draws shape i (if i < n_shapes) onto the carried image."""
+    cur, touched = carry
+    r = _Draws(shape_u[i])
+    kind_u = r.uniform()
+    # Number of cumulative bin edges at or below u; a zero-weight kind has an
+    # empty bin and is never chosen.
+    kind_idx = jnp.minimum(jnp.sum(kind_u >= cum), len(kinds) - 1)
+    opacity = r.uniform(config.min_opacity, 1.0)
+    required = config.min_contrast / opacity
+
+    # Compute every enabled kind, then select (static shapes, no branching).
+    # Draw slices are fixed per kind whether or not the kind is enabled, so a
+    # kind's randomness does not depend on which other kinds are enabled.
+    r_patch, r_line, r_cp = (_Draws(shape_u[i, 2:7 + c]),
+                             _Draws(shape_u[i, 7 + c:12 + 2 * c]),
+                             _Draws(shape_u[i, 12 + 2 * c:]))
+    regions, fills = [], []
+    for kind in kinds:
+      if kind == 'patch':
+        region, colour = _patch(r_patch, cur, yy, xx, config)
+      elif kind == 'line':
+        region, colour = _line(r_line, cur, yy, xx, config)
+      else:
+        region, fill = _copy_paste(r_cp, cur, yy, xx, opacity, config)
+      if kind in ('patch', 'line'):
+        colour = _push_colour(colour, _region_mean(region, cur), required)
+        fill = jnp.broadcast_to(colour, cur.shape)
+      regions.append(region)
+      fills.append(fill)
+    if len(kinds) == 1:
+      region, fill = regions[0], fills[0]
+    else:
+      region = jnp.stack(regions)[kind_idx]
+      fill = jnp.stack(fills)[kind_idx]
+
+    region = region & (i < n_shapes)
+    blended = (1.0 - opacity) * cur + opacity * fill
+    cur = jnp.where(region[..., None], blended, cur)
+    return cur, touched | region
+
+  cur, touched = jax.lax.fori_loop(
+      0, max_patches, add_shape,
+      (image, jnp.zeros((h_img, w_img), bool)))
+
+  cur = jnp.clip(cur, 0.0, 1.0)
+  is_clean = sample_u[0] < config.clean_fraction
+  changed = jnp.any(jnp.abs(cur - image) > CHANGE_EPS, axis=-1)
+  mask = touched & changed & ~is_clean
+  # Undo sub-threshold changes so "outside the mask" means bit-identical.
+  out = jnp.where(mask[..., None], cur, image)
+  return out, mask[..., None].astype(jnp.float32)
+
+
+def synthesize(key: jax.Array, images: jax.Array, config
+               ) -> Tuple[jax.Array, jax.Array]:
+  """Batched `synthesize_one` (vmapped; one independent key per sample).
+
+  Args:
+    key: PRNG key.
+    images: float [B, H, W, C] in [0, 1].
+    config: ConfigDict like `default_config()` (static, read at trace time).
+
+  Returns:
+    (anomalous [B, H, W, C] float32 in [0, 1], masks [B, H, W, 1] float32).
+  """
+  images = jnp.asarray(images, jnp.float32)
+  if images.ndim != 4:
+    raise ValueError(f'expected images [B, H, W, C], got shape {images.shape}')
+  _validate(config)
+  keys = jax.random.split(key, images.shape[0])
+  fn = functools.partial(synthesize_one, config=config)
+  return jax.vmap(fn)(keys, images)

@@ -1,0 +1,1 @@
+"""Data sources: MVTec-layout folder discovery, decoding, the built-in category."""

@@ -1,0 +1,74 @@
+"""Image and mask decoding with Pillow: the one decoder both loaders use.
+
+tf.data and the in-memory loader call these same functions, so both paths
+yield bit-identical pixels (TensorFlow's own JPEG decoder and resize kernels
+differ slightly from Pillow's).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from rcae_jax.datasets.folder import DataError
+
+
+def _open(path: str) -> Image.Image:
+  try:
+    img = Image.open(path)
+    img.load()  # Forces the full decode, so truncated files fail here.
+  except (OSError, UnidentifiedImageError, ValueError) as e:
+    raise DataError(f'cannot decode image {path!r}: {e}') from e
+  return img
+
+
+def _to_rgb8(img: Image.Image) -> Image.Image:
+  """Any mode (grey, RGBA, palette, 16-bit, float) to 8-bit RGB."""
+  if img.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
+    arr = np.asarray(img, dtype=np.float64)
+    hi = 65535.0 if img.mode.startswith('I;16') or arr.max() > 255 else 255.0
+    arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, mode='L')
+  return img.convert('RGB')
+
+
+def load_image(path: str, size: int) -> np.ndarray:
+  """Decodes `path` to uint8 [size, size, 3] (bilinear, antialiased)."""
+  img = _to_rgb8(_open(path))
+  if img.size != (size, size):
+    img = img.resize((size, size), Image.Resampling.BILINEAR)
+  return np.asarray(img, dtype=np.uint8)
+
+
+def load_mask(path: str | None, shape: tuple[int, int]) -> np.ndarray:
+  """Binary mask as bool [H, W] at its original resolution.
+
+  `shape` is the (H, W) of the image the mask belongs to: a good image has
+  no mask file and gets zeros of that shape. Masks store {0,1} or {0,255};
+  anything above zero is defect.
+  """
+  if path is None:
+    return np.zeros(shape, dtype=bool)
+  img = _open(path)
+  mask = np.asarray(img.convert('L')) > 0
+  if mask.shape != tuple(shape):
+    raise DataError(f'mask {path!r} is {mask.shape[1]}x{mask.shape[0]} but '
+                    f'its image is {shape[1]}x{shape[0]} (W x H)')
+  return mask
+
+
+def image_shape(path: str) -> tuple[int, int]:
+  """(H, W) without decoding the pixels."""
+  try:
+    with Image.open(path) as img:
+      return img.size[1], img.size[0]
+  except (OSError, UnidentifiedImageError) as e:
+    raise DataError(f'cannot read image {path!r}: {e}') from e
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+  """Nearest-neighbour resize of a bool mask to [size, size]."""
+  if mask.shape == (size, size):
+    return mask
+  img = Image.fromarray(mask.astype(np.uint8) * 255)
+  return np.asarray(img.resize((size, size), Image.Resampling.NEAREST)) > 0

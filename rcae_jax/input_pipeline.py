@@ -1,0 +1,284 @@
+"""Batches for training and evaluation, from tf.data or from memory.
+
+Both loaders serve exactly the same examples in the same order:
+- the order is a pure function of (seed, step) (`batch_indices`), so a run
+  resumed at step s sees the batches an uninterrupted run would have seen;
+- both decode with the same Pillow code (`datasets.decode`).
+
+Training batches: {'image': uint8 [B, S, S, 3]}. Images travel as uint8 (a
+quarter of the bytes of float32) and are scaled to [0, 1] on the device.
+Test batches: {'image', 'mask' (uint8 {0,1} [B, S, S]), 'label', 'valid'};
+the last batch is padded and 'valid' marks the real examples.
+
+TensorFlow is imported only inside the tf.data loader, so everything else
+runs where TensorFlow is not installed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+from typing import Iterator
+
+import numpy as np
+
+from rcae_jax.datasets import decode, folder, synthetic
+
+
+def resolve_files(data_cfg, seed: int = 0) -> folder.CategoryFiles:
+  """The category the config points at, generating the built-in one."""
+  root = data_cfg.root
+  if not root:
+    root = synthetic.ensure(
+        cache=data_cfg.synthetic_cache, seed=seed,
+        size=data_cfg.synthetic_size, n_train=data_cfg.synthetic_train,
+        n_test_good=data_cfg.synthetic_test_good,
+        n_per_defect=data_cfg.synthetic_test_per_defect)
+    return folder.discover(root, synthetic.CATEGORY)
+  return folder.discover(os.path.abspath(os.path.expanduser(root)),
+                         data_cfg.category)
+
+
+def batch_indices(step: int, batch_size: int, num_examples: int,
+                  seed: int) -> np.ndarray:
+  """Training example indices of global batch `step`.
+
+  The example stream is epoch after epoch, each a permutation drawn from
+  (seed, epoch); batch s is stream[s*B:(s+1)*B], so batches may straddle
+  epochs and no image is ever dropped or duplicated within an epoch.
+  """
+  start = step * batch_size
+  out = np.empty(batch_size, np.int64)
+  filled = 0
+  while filled < batch_size:
+    epoch, offset = divmod(start + filled, num_examples)
+    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    take = min(batch_size - filled, num_examples - offset)
+    out[filled:filled + take] = perm[offset:offset + take]
+    filled += take
+  return out
+
+
+def host_slice(indices: np.ndarray, process_index: int,
+               process_count: int) -> np.ndarray:
+  """This host's contiguous share of a global batch."""
+  if len(indices) % process_count:
+    raise ValueError(f'global batch {len(indices)} is not divisible by the '
+                     f'process count {process_count}')
+  local = len(indices) // process_count
+  return indices[process_index * local:(process_index + 1) * local]
+
+
+def padded_test_order(num_examples: int, batch_size: int) -> np.ndarray:
+  """Test indices padded (with index 0) to whole batches; -1 never used."""
+  n = -(-num_examples // batch_size) * batch_size
+  order = np.arange(n)
+  order[num_examples:] = 0
+  return order
+
+
+class Loader:
+  """Shared interface; subclasses implement `_train_images` and `_tests`."""
+
+  name = 'base'
+
+  def __init__(self, files: folder.CategoryFiles, image_size: int,
+               num_workers: int = 4):
+    self.files = files
+    self.image_size = image_size
+    self.num_workers = num_workers
+
+  @property
+  def num_train(self) -> int:
+    return len(self.files.train)
+
+  @property
+  def num_test(self) -> int:
+    return len(self.files.test)
+
+  def _test_mask(self, i: int) -> np.ndarray:
+    ex = self.files.test[i]
+    shape = decode.image_shape(ex.path)
+    mask = decode.load_mask(ex.mask_path, shape)
+    return decode.resize_mask(mask, self.image_size).astype(np.uint8)
+
+  def full_masks(self) -> list[np.ndarray]:
+    """Ground-truth masks at their original resolution, in test order."""
+    out = []
+    for ex in self.files.test:
+      out.append(decode.load_mask(ex.mask_path, decode.image_shape(ex.path)))
+    return out
+
+  def train_batches(self, batch_size: int, seed: int, start_step: int = 0,
+                    process_index: int = 0, process_count: int = 1
+                    ) -> Iterator[dict]:
+    raise NotImplementedError
+
+  def test_batches(self, batch_size: int) -> Iterator[dict]:
+    raise NotImplementedError
+
+
+class MemoryLoader(Loader):
+  """Decodes the whole category once with Pillow into uint8 arrays.
+
+  MVTec-AD / VisA categories are a few hundred images: at 256 px that is
+  tens of MB, so holding them is cheaper than decoding every epoch.
+  """
+
+  name = 'memory'
+
+  def __init__(self, files, image_size, num_workers=4):
+    super().__init__(files, image_size, num_workers)
+    self._train = None
+    self._test = None
+
+  def _decode_all(self, fn, items):
+    with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
+      return np.stack(list(pool.map(fn, items)))
+
+  def train_images(self) -> np.ndarray:
+    if self._train is None:
+      self._train = self._decode_all(
+          lambda p: decode.load_image(p, self.image_size), self.files.train)
+    return self._train
+
+  def test_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    if self._test is None:
+      images = self._decode_all(
+          lambda e: decode.load_image(e.path, self.image_size),
+          self.files.test)
+      masks = self._decode_all(self._test_mask, range(self.num_test))
+      self._test = images, masks
+    return self._test
+
+  def train_batches(self, batch_size, seed, start_step=0, process_index=0,
+                    process_count=1):
+    images = self.train_images()
+    step = start_step
+    while True:
+      idx = host_slice(batch_indices(step, batch_size, self.num_train, seed),
+                       process_index, process_count)
+      yield {'image': images[idx]}
+      step += 1
+
+  def test_batches(self, batch_size):
+    images, masks = self.test_arrays()
+    labels = np.array([e.label for e in self.files.test], np.int32)
+    order = padded_test_order(self.num_test, batch_size)
+    valid = np.arange(len(order)) < self.num_test
+    for s in range(0, len(order), batch_size):
+      idx = order[s:s + batch_size]
+      yield {'image': images[idx], 'mask': masks[idx], 'label': labels[idx],
+             'valid': valid[s:s + batch_size]}
+
+
+def import_tensorflow():
+  """Imports TensorFlow quietly and keeps it off GPUs/TPUs (JAX owns them)."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')
+  try:
+    tf.config.set_visible_devices([], 'TPU')
+  except (ValueError, RuntimeError):
+    pass
+  return tf
+
+
+class TFDataLoader(Loader):
+  """tf.data: parallel decode (AUTOTUNE), deterministic order, prefetch.
+
+  Decoding runs Pillow through `tf.numpy_function` in tf.data's thread pool
+  (Pillow releases the GIL while decoding), so the pixels equal the
+  in-memory loader's.
+  """
+
+  name = 'tfdata'
+
+  def __init__(self, files, image_size, num_workers=4):
+    super().__init__(files, image_size, num_workers)
+    self.tf = import_tensorflow()
+
+  def _decode_map(self, paths):
+    tf, size = self.tf, self.image_size
+
+    def load(i):
+      return decode.load_image(paths[int(i)], size)
+
+    def fn(i):
+      img = tf.numpy_function(load, [i], tf.uint8, stateful=False)
+      img.set_shape((size, size, 3))
+      return img
+    return fn
+
+  def _numpy(self, ds):
+    for batch in ds.as_numpy_iterator():
+      yield batch
+
+  def train_batches(self, batch_size, seed, start_step=0, process_index=0,
+                    process_count=1):
+    tf = self.tf
+    local = batch_size // process_count
+
+    def index_stream():
+      step = start_step
+      while True:
+        yield host_slice(batch_indices(step, batch_size, self.num_train, seed),
+                         process_index, process_count)
+        step += 1
+
+    ds = tf.data.Dataset.from_generator(
+        index_stream, output_signature=tf.TensorSpec([local], tf.int64))
+    ds = ds.unbatch().map(self._decode_map(self.files.train),
+                          num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=True)
+    ds = ds.batch(local, drop_remainder=True).map(lambda x: {'image': x})
+    return self._numpy(ds.prefetch(tf.data.AUTOTUNE))
+
+  def test_batches(self, batch_size):
+    tf = self.tf
+    order = padded_test_order(self.num_test, batch_size)
+    labels = np.array([e.label for e in self.files.test], np.int32)
+    size = self.image_size
+
+    def load_mask(i):
+      return self._test_mask(int(i))
+
+    def mask_fn(i):
+      m = tf.numpy_function(load_mask, [i], tf.uint8, stateful=False)
+      m.set_shape((size, size))
+      return m
+
+    decode_image = self._decode_map([e.path for e in self.files.test])
+    ds = tf.data.Dataset.from_tensor_slices({
+        'index': order, 'label': labels[order],
+        'valid': np.arange(len(order)) < self.num_test})
+    ds = ds.map(lambda d: {'image': decode_image(d['index']),
+                           'mask': mask_fn(d['index']), 'label': d['label'],
+                           'valid': d['valid']},
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return self._numpy(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE))
+
+
+def tensorflow_available() -> bool:
+  try:
+    import_tensorflow()
+    return True
+  except ImportError:
+    return False
+
+
+def make_loader(data_cfg, files: folder.CategoryFiles) -> Loader:
+  """Picks the loader named by `data_cfg.loader` ('auto' prefers tf.data)."""
+  choice = data_cfg.loader
+  if choice == 'auto':
+    choice = 'tfdata' if tensorflow_available() else 'memory'
+    logging.info('data.loader=auto: using the %s loader%s', choice,
+                 '' if choice == 'tfdata' else ' (TensorFlow not importable)')
+  if choice == 'tfdata':
+    return TFDataLoader(files, data_cfg.image_size, data_cfg.num_workers)
+  if choice == 'memory':
+    return MemoryLoader(files, data_cfg.image_size, data_cfg.num_workers)
+  raise ValueError(f"data.loader must be 'auto', 'tfdata' or 'memory', got "
+                   f'{choice!r}')

@@ -1,0 +1,40 @@
+"""Command line: python -m rcae_jax.main --config configs/X.py --workdir DIR."""
+
+import os
+import sys
+
+# Quiet TensorFlow before anything can import it.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from rcae_jax import run as run_lib
+from rcae_jax import validate
+from rcae_jax.datasets import folder
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs, metrics.')
+config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).',
+                                lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
+               jax.process_count(), jax.local_devices())
+  try:
+    run_lib.run(FLAGS.config, FLAGS.workdir)
+  except (validate.ConfigError, folder.DataError) as e:
+    logging.error('%s', e)
+    sys.exit(f'rcae_jax: error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)

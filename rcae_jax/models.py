@@ -1,0 +1,359 @@
+"""RcAE networks as pure Flax linen modules.
+
+- `RcAE`: ONE encoder step E and ONE decoder step D applied recursively with
+  shared weights. Depth mode (the paper): I_C^i = E(I_C^{i-1}) halves the
+  resolution each step, I_R^n = D^n(E^n(I)). Iterative mode (ours): a
+  full-resolution autoencoder R fed its own output, x_t = R(x_{t-1}),
+  expressed with `nn.scan` because its carry has a fixed shape.
+- `DPN`: detail preservation, a 4-level conv U-Net predicting a residual
+  from I_R^n and the input's gradient image.
+- `CRD`: cross recursion detection, a 4-level 3-D conv U-Net over the stack
+  of recursion steps (recursion index = depth axis), folded to one map.
+
+No I/O, no config parsing: modules take plain fields (see `build_model`).
+All reconstructions come out stacked as [N, B, H, W, C].
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def pixel_shuffle(x: jax.Array, factor: int = 2) -> jax.Array:
+  """Depth-to-space on the last two spatial axes: [..., h, w, f*f*c] ->
+  [..., f*h, f*w, c]. A 1x1 conv to 4c followed by this is exactly a
+  kernel-2 stride-2 transposed conv, without ConvTranspose's slow XLA
+  gradient (see docs/DESIGN notes)."""
+  *lead, h, w, c = x.shape
+  c_out = c // (factor * factor)
+  x = x.reshape(*lead, h, w, factor, factor, c_out)
+  n = len(lead)
+  perm = (*range(n), n, n + 2, n + 1, n + 3, n + 4)
+  x = x.transpose(perm)
+  return x.reshape(*lead, h * factor, w * factor, c_out)
+
+
+class ResBlock(nn.Module):
+  """Pre-activation residual block; no normalisation (batch-size free)."""
+  width: int
+  dtype: Dtype = jnp.float32
+  kernel: Sequence[int] = (3, 3)
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.Conv(self.width, self.kernel, dtype=self.dtype)(nn.silu(x))
+    # Zero-initialised last conv: each block starts as the identity, which
+    # keeps the deep recursion stable from the first step.
+    y = nn.Conv(self.width, self.kernel, dtype=self.dtype,
+                kernel_init=nn.initializers.zeros)(nn.silu(y))
+    return x + y
+
+
+class EncoderStep(nn.Module):
+  """E: image-space tensor at r -> image-space tensor at r/2 (+ features)."""
+  width: int
+  out_channels: int
+  num_res_blocks: int = 1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    # The paper's downsampling: stride-2 convolution with kernel 2.
+    h = nn.Conv(self.width, (2, 2), strides=(2, 2), dtype=self.dtype)(x)
+    for _ in range(self.num_res_blocks):
+      h = ResBlock(self.width, self.dtype)(h)
+    z = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype)(nn.silu(h))
+    return z, h
+
+
+class DecoderStep(nn.Module):
+  """D: image-space tensor at r (+ optional skip features) -> at 2r."""
+  width: int
+  out_channels: int
+  num_res_blocks: int = 1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, skip=None):
+    if skip is not None:
+      x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
+    h = nn.Conv(self.width, (3, 3), dtype=self.dtype)(x)
+    for _ in range(self.num_res_blocks):
+      h = ResBlock(self.width, self.dtype)(h)
+    h = pixel_shuffle(nn.Conv(4 * self.width, (1, 1), dtype=self.dtype)(h))
+    h = ResBlock(self.width, self.dtype)(h)
+    return nn.Conv(self.out_channels, (3, 3), dtype=self.dtype)(nn.silu(h))
+
+
+class RcAE(nn.Module):
+  """The recursive autoencoder.
+
+  depth mode: returns [N, B, H, W, C] with entry n-1 = D^n(E^n(I)), or for
+    `__call__(x, depth=n)` only I_R^n (used by the stage-1 step, which draws
+    the depth per batch).
+  iterative mode: x_t = R(x_{t-1}), R = D^L(E^L(.)) with L =
+    `iterative_levels`, scanned over t = 1..N with `nn.scan`.
+  """
+  depth: int = 5
+  width: int = 128
+  num_res_blocks: int = 2
+  bottleneck_channels: int = 3
+  out_channels: int = 3
+  skips: bool = True
+  share_weights: bool = True
+  recursion: str = 'depth'
+  iterative_levels: int = 2
+  scan_unroll: bool = True
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    n_modules = 1 if self.share_weights else self.depth
+    if self.recursion == 'iterative':
+      n_modules = 1  # The scanned cell owns its own shared autoencoder.
+      self.cell = nn.scan(
+          _IterativeCell,
+          variable_broadcast='params',  # One set of weights for every t.
+          split_rngs={'params': False},
+          length=self.depth,
+          unroll=self.depth if self.scan_unroll else 1,
+      )(levels=self.iterative_levels, width=self.width,
+        num_res_blocks=self.num_res_blocks,
+        bottleneck_channels=self.bottleneck_channels,
+        out_channels=self.out_channels, skips=self.skips, dtype=self.dtype)
+      return
+    if self.recursion != 'depth':
+      raise ValueError(f'model.recursion must be "depth" or "iterative", got '
+                       f'{self.recursion!r}')
+    self.encoders = [EncoderStep(self.width, self.bottleneck_channels,
+                                 self.num_res_blocks, self.dtype)
+                     for _ in range(n_modules)]
+    self.decoders = [DecoderStep(self.width, self.out_channels,
+                                 self.num_res_blocks, self.dtype)
+                     for _ in range(n_modules)]
+
+  def _enc(self, level):  # level: 1-based recursion level.
+    return self.encoders[0 if self.share_weights else level - 1]
+
+  def _dec(self, level):
+    return self.decoders[0 if self.share_weights else level - 1]
+
+  def encode(self, x, n):
+    """I_C^1..I_C^n and the wide features of each level."""
+    codes, feats = [], []
+    for level in range(1, n + 1):
+      x, h = self._enc(level)(x)
+      codes.append(x)
+      feats.append(h)
+    return codes, feats
+
+  def decode(self, code, feat, n):
+    """D^n applied to the level-n code. The skip (ours) hands the deepest
+    encoder's wide features past the 3-channel bottleneck to the FIRST
+    decoder step only: deeper recursions still lose resolution, and no
+    full-resolution feature ever reaches the output (no identity path).
+    Other steps get zeros so one shared D serves every level."""
+    x = code
+    for level in range(n, 0, -1):
+      skip = None
+      if self.skips:
+        skip = feat if level == n else _zeros_like_features(x, feat)
+      x = self._dec(level)(x, skip)
+    return x
+
+  def __call__(self, x, depth: int | None = None):
+    if self.recursion == 'iterative':
+      _, ys = self.cell(x.astype(self.dtype), None)
+      ys = ys.astype(jnp.float32)
+      return ys if depth is None else ys[depth - 1]
+    self._check_size(x.shape[1:3])
+    if depth is not None:
+      codes, feats = self.encode(x, depth)
+      return self.decode(codes[-1], feats[-1], depth).astype(jnp.float32)
+    codes, feats = self.encode(x, self.depth)
+    recs = [self.decode(codes[n - 1], feats[n - 1], n)
+            for n in range(1, self.depth + 1)]
+    return jnp.stack(recs).astype(jnp.float32)
+
+  def _check_size(self, hw):
+    factor = 2 ** self.depth
+    if hw[0] % factor or hw[1] % factor:
+      raise ValueError(f'image size {hw} must be divisible by 2**depth = '
+                       f'{factor} for depth {self.depth}')
+
+
+def _zeros_like_features(x, feat):
+  """Zeros with x's spatial shape and feat's channel count."""
+  return jnp.zeros((*x.shape[:-1], feat.shape[-1]), x.dtype)
+
+
+class _IterativeCell(nn.Module):
+  """One full-resolution pass R(x) = D^L(E^L(x)) of the iterative mode."""
+  levels: int
+  width: int
+  num_res_blocks: int
+  bottleneck_channels: int
+  out_channels: int
+  skips: bool
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, _):
+    enc = EncoderStep(self.width, self.bottleneck_channels,
+                      self.num_res_blocks, self.dtype)
+    dec = DecoderStep(self.width, self.out_channels, self.num_res_blocks,
+                      self.dtype)
+    h = x
+    for _ in range(self.levels):
+      h, feat = enc(h)
+    y = h
+    for level in range(self.levels, 0, -1):
+      skip = None
+      if self.skips:
+        skip = feat if level == self.levels else _zeros_like_features(y, feat)
+      y = dec(y, skip)
+    return y, y
+
+
+class DepthConv(nn.Module):
+  """A 3-D convolution (kernel 3 along the recursion axis, SAME padding)
+  over [B, D, H, W, C], computed as one 2-D convolution of each step
+  stacked with its two neighbours along channels. Same function and same
+  parameter count as a 3x k x k conv; XLA:CPU runs 2-D convs far faster
+  than 3-D ones, and on GPU it is one well-shaped batched conv."""
+  features: int
+  kernel: int = 3
+  strides: int = 1
+  dtype: Dtype = jnp.float32
+  kernel_init: Any = nn.linear.default_kernel_init
+
+  @nn.compact
+  def __call__(self, x):
+    b, d, h, w, c = x.shape
+    padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
+    stacked = jnp.concatenate([padded[:, i:i + d] for i in range(3)], -1)
+    y = nn.Conv(self.features, (self.kernel, self.kernel),
+                strides=(self.strides, self.strides), dtype=self.dtype,
+                kernel_init=self.kernel_init)(
+                    stacked.reshape(b * d, h, w, 3 * c))
+    return y.reshape(b, d, *y.shape[1:])
+
+
+class UNet(nn.Module):
+  """A 4-level U-Net used by DPN (2-D) and CRD (3-D: the recursion axis is
+  kept at full length and convolved with kernel 3, see DepthConv).
+
+  Downsampling halves the spatial axes only (stride-2, kernel-2 conv, as the
+  recursion does); upsampling is pixel shuffle; skips concatenate. Widths
+  double per level up to 4x the base width.
+  """
+  width: int
+  out_channels: int
+  levels: int = 4
+  ndim: int = 2  # 2: [B,H,W,C]; 3: [B,D,H,W,C] with D the recursion index.
+  dtype: Dtype = jnp.float32
+
+  def conv(self, features, kernel=3, strides=1, zero_init=False):
+    init = (nn.initializers.zeros if zero_init
+            else nn.linear.default_kernel_init)
+    if self.ndim == 3 and kernel > 1:
+      return DepthConv(features, kernel, strides, self.dtype, init)
+    conv = nn.Conv(features, (kernel, kernel), strides=(strides, strides),
+                   dtype=self.dtype, kernel_init=init)
+    if self.ndim == 3:  # Pointwise along depth: fold it into the batch.
+      return lambda x: conv(x.reshape(-1, *x.shape[2:])).reshape(
+          *x.shape[:2], *x.shape[2:4], features)
+    return conv
+
+  def block(self, h, width):
+    y = self.conv(width)(nn.silu(h))
+    return h + self.conv(width, zero_init=True)(nn.silu(y))
+
+  @nn.compact
+  def __call__(self, x):
+    widths = [self.width * min(2 ** i, 4) for i in range(self.levels + 1)]
+    skips = []
+    h = self.conv(widths[0])(x)
+    for i in range(self.levels):
+      h = self.block(h, widths[i])
+      skips.append(h)
+      h = self.conv(widths[i + 1], kernel=2, strides=2)(nn.silu(h))
+    h = self.block(h, widths[-1])
+    for i in reversed(range(self.levels)):
+      h = pixel_shuffle(self.conv(4 * widths[i], kernel=1)(h))
+      h = self.conv(widths[i])(jnp.concatenate([h, skips[i]], axis=-1))
+      h = self.block(h, widths[i])
+    # Zero-initialised head: DPN starts as "no correction", CRD as 0.5.
+    return self.conv(self.out_channels, zero_init=True)(nn.silu(h))
+
+
+class DPN(nn.Module):
+  """Detail Preservation Network: I_D^n = I_R^n + UNet(I_R^n ⊕ I')."""
+  width: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, recs, grad_input):
+    """recs [N,B,H,W,C]; grad_input [B,H,W,G] (gradient image of I)."""
+    n, b = recs.shape[:2]
+    g = jnp.broadcast_to(grad_input, (n, *grad_input.shape))
+    x = jnp.concatenate([recs, g], axis=-1).reshape(n * b, *recs.shape[2:4], -1)
+    res = UNet(self.width, recs.shape[-1], ndim=2, dtype=self.dtype)(
+        x.astype(self.dtype))
+    return recs + res.reshape(recs.shape).astype(jnp.float32)
+
+
+class CRD(nn.Module):
+  """Cross Recursion Detection: 3-D U-Net over {I_D^n ⊕ I}, n as depth.
+
+  Folding the recursion axis (ours): per-step logits, then the mean and the
+  max over steps mixed by a 1x1 conv, so the map can use both "consistently
+  off" and "off at some depth" evidence; independent of how many steps.
+  """
+  width: int = 16
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, details, image):
+    """details [N,B,H,W,C], image [B,H,W,C] -> map logits [B,H,W,1]."""
+    n = details.shape[0]
+    img = jnp.broadcast_to(image, (n, *image.shape))
+    x = jnp.concatenate([details, img], axis=-1)   # [N,B,H,W,2C]
+    x = jnp.moveaxis(x, 0, 1).astype(self.dtype)   # [B,N,H,W,2C]
+    h = UNet(self.width, 4, ndim=3, dtype=self.dtype)(x)
+    h = jnp.concatenate([h.mean(axis=1), h.max(axis=1)], axis=-1)
+    return nn.Conv(1, (1, 1), dtype=jnp.float32)(h.astype(jnp.float32))
+
+
+def build_rcae(cfg) -> RcAE:
+  """RcAE from `config.model` (a ConfigDict or anything with attributes)."""
+  return RcAE(depth=cfg.depth, width=cfg.width,
+              num_res_blocks=cfg.num_res_blocks,
+              bottleneck_channels=cfg.bottleneck_channels, skips=cfg.skips,
+              share_weights=cfg.share_weights, recursion=cfg.recursion,
+              iterative_levels=cfg.get('iterative_levels', 2),
+              scan_unroll=cfg.scan_unroll, dtype=jnp.dtype(cfg.dtype))
+
+
+def build_dpn(cfg) -> DPN:
+  return DPN(width=cfg.dpn_width, dtype=jnp.dtype(cfg.dtype))
+
+
+def build_crd(cfg) -> CRD:
+  return CRD(width=cfg.crd_width, dtype=jnp.dtype(cfg.dtype))
+
+
+def crd_step_indices(depth: int, steps: int) -> list[int]:
+  """Which recursion steps CRD sees (0-based), always ending at the
+  deepest: the paper's 1/3/5-step ablation. steps = 0 means all."""
+  if steps <= 0 or steps >= depth:
+    return list(range(depth))
+  if steps == 1:
+    return [depth - 1]
+  span = (depth - 1) / (steps - 1)
+  return sorted({round(i * span) for i in range(steps)})

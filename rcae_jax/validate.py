@@ -1,0 +1,56 @@
+"""Config checks that run before any data is read or anything compiles.
+
+A wrong setting should fail in the first second with one sentence naming
+the field, not minutes later as a traceback from inside XLA or tf.data.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field."""
+
+
+def _choice(value, name, options):
+  if value not in options:
+    raise ConfigError(f'config.{name} must be one of {options}, got {value!r}')
+
+
+def validate(config) -> None:
+  _choice(config.mode, 'mode', ('train', 'evaluate'))
+  m, d, t, e = config.model, config.data, config.train, config.eval
+  _choice(m.recursion, 'model.recursion', ('depth', 'iterative'))
+  _choice(m.dtype, 'model.dtype', ('float32', 'bfloat16'))
+  _choice(d.loader, 'data.loader', ('auto', 'tfdata', 'memory'))
+  _choice(e.scoring, 'eval.scoring', ('crd', 'recursion'))
+  _choice(e.image_score, 'eval.image_score', ('max', 'mean'))
+  _choice(e.smoothing, 'eval.smoothing', ('box', 'gaussian'))
+  _choice(e.get('pixel_resolution', 'ground_truth'), 'eval.pixel_resolution',
+          ('ground_truth', 'model'))
+  if m.depth < 1:
+    raise ConfigError(f'config.model.depth must be >= 1, got {m.depth}')
+  levels = m.depth if m.recursion == 'depth' else m.get('iterative_levels', 2)
+  # DPN / CRD U-Nets have 4 levels; the recursion halves `levels` times.
+  factor = 2 ** max(levels, 4)
+  if d.image_size % factor:
+    raise ConfigError(
+        f'config.data.image_size={d.image_size} must be divisible by '
+        f'{factor} (2**max(recursion levels, 4 U-Net levels))')
+  if t.batch_size < 1 or e.batch_size < 1:
+    raise ConfigError('config.train.batch_size and config.eval.batch_size '
+                      'must be >= 1')
+  for s in (1, 2, 3):
+    stage = t[f'stage{s}']
+    if stage.steps < 0 or stage.learning_rate <= 0:
+      raise ConfigError(f'config.train.stage{s}: steps must be >= 0 and '
+                        'learning_rate > 0')
+  if t.stage1.steps == 0 and config.mode == 'train':
+    raise ConfigError('config.train.stage1.steps must be > 0: every later '
+                      'stage builds on the recursive autoencoder')
+  if e.scoring == 'crd' and t.stage3.steps == 0:
+    raise ConfigError("config.eval.scoring='crd' needs stage 3: set "
+                      "config.train.stage3.steps > 0 or "
+                      "config.eval.scoring='recursion'")
+  if t.log_every < 1 or t.checkpoint_every < 1:
+    raise ConfigError('config.train.log_every and checkpoint_every must be '
+                      '>= 1')
