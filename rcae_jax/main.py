@@ -36,5 +36,18 @@ def main(argv):
     sys.exit(f'rcae_jax: error: {e}')
 
 
+def parse_flags(argv):
+  """absl's parsing, with an unknown config key as one clear line (the
+  override parser raises AttributeError/KeyError from deep inside)."""
+  try:
+    return FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    bad = [a for a in argv[1:] if a.startswith('--config.')]
+    sys.exit(f'rcae_jax: error: unknown config field {e} in {bad}; see the '
+             'config file for the fields that exist')
+  except flags.Error as e:
+    sys.exit(f'rcae_jax: error: {e}')
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

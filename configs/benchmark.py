@@ -1,0 +1,85 @@
+"""Inference benchmark of the paper-sized RcAE (rcae_jax/benchmark.py).
+
+Command (from the repository root):
+
+    python -m rcae_jax.main --config configs/benchmark.py --workdir DIR
+
+It compiles the full inference function (N = 5 recursions of a width-128
+RcAE with 2 residual blocks per step, DPN width 32, CRD width 16; about
+4.5 M parameters) ahead of time for every image size x dtype x batch size
+below, times it on the device and end to end, prints a table and writes
+DIR/benchmark.json. Weights are random unless
+`--config.benchmark.checkpoint_workdir=TRAINED_WORKDIR` is given (the model
+fields must then match that run's config). No data is read and nothing is
+trained; TensorFlow is not needed.
+
+Hardware and expected result: one GPU / TPU. On one H200 the same network
+was measured at ~5.7 ms per 256^2 image at batch 1 in bfloat16 and ~400
+images/s at batch 16 (docs/DESIGN.md), ~536 GFLOP per 256^2 image; 1024^2
+costs 16x that per image. The whole default sweep (2 sizes x 2 dtypes x 4
+batch sizes, 32 compilations) takes a few minutes there, mostly compiling;
+1024^2 at batch 32 needs tens of GiB of device memory.
+
+On CPU use small sizes, e.g.
+
+    python -m rcae_jax.main --config configs/benchmark.py --workdir /tmp/b \
+      --config.benchmark.image_sizes='(64,)' \
+      --config.benchmark.batch_sizes='(1,)' --config.benchmark.iters=5
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _default_config() -> ml_collections.ConfigDict:
+  # Loaded by path so that this file works as `--config configs/benchmark.py`
+  # whatever the current directory or sys.path (configs/ is not a package).
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      'default.py')
+  spec = importlib.util.spec_from_file_location('rcae_configs_default', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = _default_config()
+
+  # What main does: time the inference function (rcae_jax/benchmark.py).
+  config.mode = 'benchmark'
+
+  # The paper-sized model used for the GPU numbers.
+  # N: recursion depth (paper: 5); sizes must be divisible by 2**max(N, 4).
+  config.model.depth = 5
+  # Width of the shared encoder / decoder steps (paper: 128).
+  config.model.width = 128
+  # Residual blocks per encoder step and per decoder step.
+  config.model.num_res_blocks = 2
+  # Base width of the Detail Preservation Network.
+  config.model.dpn_width = 32
+  # Base width of the Cross Recursion Detection network.
+  config.model.crd_width = 16
+  # Size used to build the abstract parameters when loading a checkpoint
+  # (parameter shapes do not depend on it); the timed sizes are below.
+  config.data.image_size = 256
+
+  config.benchmark = bench = ml_collections.ConfigDict()
+  # Square input sizes to time (each divisible by 2**max(model.depth, 4)).
+  bench.image_sizes = (256, 1024)
+  # Batch sizes to time at every size and dtype.
+  bench.batch_sizes = (1, 8, 16, 32)
+  # Compute dtypes (model.dtype); parameters stay float32 in both.
+  bench.dtypes = ('float32', 'bfloat16')
+  # Untimed calls after compiling, per mode.
+  bench.warmup = 5
+  # Timed calls per mode; p50 / p90 / p99 / mean are taken over these.
+  bench.iters = 50
+  # 'device': uint8 inputs already on the device, outputs left there;
+  # 'end_to_end': host numpy uint8 batch in, numpy map and score out.
+  bench.modes = ('device', 'end_to_end')
+  # A trained workdir whose latest checkpoint supplies the weights;
+  # '' = random weights (speed does not depend on the values).
+  bench.checkpoint_workdir = ''
+  return config

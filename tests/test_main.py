@@ -1,0 +1,42 @@
+"""The command line: clear one-line errors for bad configuration."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args, tmp_path):
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu',
+             RCAE_JAX_CACHE=str(tmp_path / 'cache'))
+  env.pop('XLA_FLAGS', None)
+  return subprocess.run(
+      [sys.executable, '-m', 'rcae_jax.main', '--config',
+       os.path.join(REPO, 'configs', 'default.py'), '--workdir',
+       str(tmp_path / 'wd'), *args],
+      capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--config.model.no_such_field=3'], 'no_such_field'),
+    (['--config.data.root=/definitely/not/here'], "'/definitely/not/here' does not exist"),
+    (['--config.model.recursion=sideways'], 'config.model.recursion must be one of'),
+    (['--config.data.image_size=60'], 'config.data.image_size=60 must be divisible'),
+])
+def test_bad_configuration_fails_with_one_clear_message(args, message,
+                                                        tmp_path):
+  result = run_main(*args, tmp_path=tmp_path)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def test_category_without_train_good(tmp_path):
+  (tmp_path / 'data' / 'cat' / 'test').mkdir(parents=True)
+  result = run_main(f'--config.data.root={tmp_path / "data"}',
+                    '--config.data.category=cat', tmp_path=tmp_path)
+  assert result.returncode != 0
+  assert 'train/good' in result.stderr and 'Traceback' not in result.stderr
