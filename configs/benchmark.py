@@ -5,20 +5,25 @@ Command (from the repository root):
     python -m rcae_jax.main --config configs/benchmark.py --workdir DIR
 
 It compiles the full inference function (N = 5 recursions of a width-128
-RcAE with 2 residual blocks per step, DPN width 32, CRD width 16; about
-4.5 M parameters) ahead of time for every image size x dtype x batch size
-below, times it on the device and end to end, prints a table and writes
-DIR/benchmark.json. Weights are random unless
-`--config.benchmark.checkpoint_workdir=TRAINED_WORKDIR` is given (the model
-fields must then match that run's config). No data is read and nothing is
-trained; TensorFlow is not needed.
+RcAE with 2 residual blocks per step, DPN width 32, CRD width 16, CRD
+scoring; 6.33 M parameters: RcAE 1.70 M, DPN 2.69 M, CRD 1.93 M) ahead of
+time for every image size x dtype x batch size below, times it on the device
+and end to end, prints a table and writes DIR/benchmark.json. Weights are
+random unless `--config.benchmark.checkpoint_workdir=TRAINED_WORKDIR` is
+given (the model fields must then match that run's config). No data is
+read and nothing is trained; TensorFlow is not needed.
 
-Hardware and expected result: one GPU / TPU. On one H200 the same network
-was measured at ~5.7 ms per 256^2 image at batch 1 in bfloat16 and ~400
-images/s at batch 16 (docs/DESIGN.md), ~536 GFLOP per 256^2 image; 1024^2
-costs 16x that per image. The whole default sweep (2 sizes x 2 dtypes x 4
-batch sizes, 32 compilations) takes a few minutes there, mostly compiling;
-1024^2 at batch 32 needs tens of GiB of device memory.
+Hardware: one GPU / TPU (runs on CPU too, slowly). Analytic cost
+(rcae_jax/flops.py): 657 GFLOP per 256^2 image, 10.5 TFLOP per 1024^2
+image. Expected speed, not yet measured with this config: docs/DESIGN.md
+reports a similar but smaller network (4.5 M parameters, ~536 GFLOP per
+256^2 image) at 5.7 ms per image at batch 1 in bfloat16 and ~400 images/s
+at batch 16 on one H200. The default sweep compiles 16 programs (2 sizes x
+2 dtypes x 4 batch sizes). Memory: XLA:CPU's memory analysis of the
+compiled program gives ~0.18 GiB of temporaries per 256^2 image and ~3 GiB
+per 1024^2 image (bf16; f32 ~3.4), so 1024^2 at batch 32 needs ~100 GiB:
+it may fit one H200 (141 GB), not smaller cards (GPU fusion differs: the
+JSON's `compiled_memory` has the real figure). Trim `batch_sizes` there.
 
 On CPU use small sizes, e.g.
 

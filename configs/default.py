@@ -62,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   # uniformly from [1, N] per batch.
   model.depth = 4
   # Width of the shared encoder / decoder steps (paper-sized runs: 128).
-  model.width = 32
+  model.width = 16
   # Residual blocks per encoder step and per decoder step.
   model.num_res_blocks = 1
   # Channels of the image-space bottleneck between recursion steps.
@@ -75,9 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
   # ablation; then parameters grow with N.
   model.share_weights = True
   # Base width of the Detail Preservation Network (4-level conv AE).
-  model.dpn_width = 16
+  model.dpn_width = 8
   # Base width of the Cross Recursion Detection network (4-level 3D AE).
-  model.crd_width = 8
+  model.crd_width = 4
   # How many recursion steps CRD sees (the paper's 1/3/5 ablation); 0 = all N.
   model.crd_steps = 0
   # Scan the iterative recursion unrolled (True is required for speed on
@@ -98,15 +98,15 @@ def get_config() -> ml_collections.ConfigDict:
   train.keep_checkpoints = 2
   # Stage 1: RcAE (E, D) on normal images; L1 + gradient L1.
   train.stage1 = ml_collections.ConfigDict()
-  train.stage1.steps = 1500
+  train.stage1.steps = 1000
   train.stage1.learning_rate = 1e-3
   # Stage 2: DPN with RcAE frozen; 0 steps skips it (ablation "no DPN").
   train.stage2 = ml_collections.ConfigDict()
-  train.stage2.steps = 300
+  train.stage2.steps = 200
   train.stage2.learning_rate = 1e-3
   # Stage 3: CRD on pseudo-anomalies with RcAE and DPN frozen; 0 skips it.
   train.stage3 = ml_collections.ConfigDict()
-  train.stage3.steps = 600
+  train.stage3.steps = 300
   train.stage3.learning_rate = 1e-3
   # Optional cross-depth consistency loss weight in stage 1 (ours, off).
   train.consistency_weight = 0.0

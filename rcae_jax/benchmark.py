@@ -22,6 +22,11 @@ drawn on the host) unless `config.benchmark.checkpoint_workdir` names a
 trained workdir; speed does not depend on the values. `config.model.dtype` is set per row; parameters
 stay float32 (the modules cast them).
 
+`<workdir>/benchmark.json` is rewritten atomically after every
+(size, dtype, batch) combination with `"complete": false` until the sweep
+ends, so an out-of-memory failure at a large batch keeps the rows measured
+before it.
+
 No TensorFlow / clu / tensorflow-datasets is imported here: this runs on
 accelerator images that ship JAX alone.
 """
@@ -35,7 +40,6 @@ import os
 import platform
 import sys
 import time
-from typing import Any
 
 import flax
 import jax
@@ -339,12 +343,6 @@ def run_benchmark(config, workdir: str) -> dict:
   flop_info = {int(s): gflop_per_image(config, params, int(s))
                for s in bench.image_sizes}
   rows = []
-  for size in bench.image_sizes:
-    for dtype in bench.dtypes:
-      for batch in bench.batch_sizes:
-        rows.extend(bench_one(config, params, image_size=int(size),
-                              batch=int(batch), dtype=dtype, bench=bench,
-                              gflop=flop_info[int(size)]['gflop_per_image']))
   report = {
       'environment': env,
       'device_kind': env['device_kind'],
@@ -357,10 +355,22 @@ def run_benchmark(config, workdir: str) -> dict:
                      'traced predict function; elementwise ops ignored; '
                      'params stay float32 whatever the compute dtype'),
       'results': rows,
+      'complete': False,
       'config': config.to_dict(),
       'created_unix': time.time(),
   }
-  write_json_atomic(os.path.join(workdir, 'benchmark.json'), report)
+  path = os.path.join(workdir, 'benchmark.json')
+  for size in bench.image_sizes:
+    for dtype in bench.dtypes:
+      for batch in bench.batch_sizes:
+        rows.extend(bench_one(config, params, image_size=int(size),
+                              batch=int(batch), dtype=dtype, bench=bench,
+                              gflop=flop_info[int(size)]['gflop_per_image']))
+        # Rewritten after every combination: if a later one runs out of
+        # memory, the rows measured so far are kept ('complete': false).
+        write_json_atomic(path, report)
+  report['complete'] = True
+  write_json_atomic(path, report)
   table = format_table(rows)
   print(f'RcAE inference benchmark on {env["device_kind"]} '
         f'({env["platform"]}), jax {jax.__version__}, python '

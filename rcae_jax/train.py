@@ -80,7 +80,10 @@ def init_params(nets: Networks, rng: jax.Array, image_size: int) -> dict:
 
 
 def make_optimizer(stage_cfg) -> optax.GradientTransformation:
-  return optax.adam(stage_cfg.learning_rate)
+  """Adam (the paper's optimiser), after global-norm clipping (ours: one bad
+  pseudo-anomaly batch must not wreck a long run)."""
+  return optax.chain(optax.clip_by_global_norm(stage_cfg.get('clip_norm', 1.0)),
+                     optax.adam(stage_cfg.learning_rate))
 
 
 # ----------------------------------------------------------- forward parts

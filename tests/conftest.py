@@ -21,28 +21,9 @@ def _private_cache(tmp_path_factory):
 
 
 def tiny_config(**overrides):
-  """The default config shrunk to seconds on one CPU core."""
-  import default  # configs/default.py  # pylint: disable=g-import-not-at-top
-  config = default.get_config()
-  config.data.synthetic_train = 8
-  config.data.synthetic_test_good = 4
-  config.data.synthetic_test_per_defect = 2
-  config.data.synthetic_size = 32
-  config.data.image_size = 32
-  config.data.loader = 'memory'
-  config.model.depth = 2
-  config.model.width = 4
-  config.model.num_res_blocks = 1
-  config.model.dpn_width = 4
-  config.model.crd_width = 2
-  config.train.batch_size = 4
-  config.train.log_every = 1
-  config.train.checkpoint_every = 2
-  config.train.stage1.steps = 3
-  config.train.stage2.steps = 2
-  config.train.stage3.steps = 2
-  config.eval.batch_size = 8
-  config.eval.smoothing_size = 3
+  """configs/smoke.py (seconds on one CPU core) with dotted overrides."""
+  import smoke  # configs/smoke.py  # pylint: disable=g-import-not-at-top
+  config = smoke.get_config()
   for key, value in overrides.items():
     target = config
     *path, last = key.split('.')

@@ -196,7 +196,7 @@ print('NO_TF_OK')
   assert saved['versions']['jax'] == jax.__version__
   assert saved['versions']['python'] and saved['versions']['flax']
   assert saved['versions']['jaxlib']
-  assert saved['weights'] == 'random'
+  assert saved['weights'] == 'random' and saved['complete']
   assert saved['config']['model']['width'] == 4
   assert saved['config']['mode'] == 'benchmark'
   assert saved['flops']['32']['gflop_per_image'] == rows[0]['gflop_per_image']

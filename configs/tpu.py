@@ -1,0 +1,129 @@
+"""Paper-sized RcAE on MVTec-AD, for a Cloud TPU VM (or a multi-GPU host).
+
+Command (from the repository root of a machine with gcloud; creates a TPU VM,
+installs, trains all three stages, evaluates, deletes the VM):
+
+    PROJECT=my-project ZONE=us-west4-a ACCELERATOR_TYPE=v5litepod-8 \
+    TPU_NAME=rcae-v5e WORKDIR=gs://my-bucket/rcae/bottle launch/tpu_run.sh
+
+Add `DATA_URL=gs://my-bucket/mvtec_ad` to copy the data to every worker (it
+then becomes data.root), `SPOT=1` for a Spot VM, `--dry-run` to see every
+command first; rerunning with the same WORKDIR resumes from its latest
+checkpoint. docs/tpu.md has the details (pod slices, costs, multi-GPU).
+Directly on a machine that already has the code and data:
+
+    python -m rcae_jax.main --config configs/tpu.py --workdir DIR \
+      --config.data.root=/path/to/mvtec_ad --config.data.category=bottle
+
+What the paper fixes (../shared/docs/METHOD.md from the repository root,
+**P**): input 1024 x 1024, N = 5, Adam with learning rate 1e-4, 1500 / 400 /
+300 epochs for stages 1 / 2 / 3.
+Widths, residual blocks and the batch size are ours (METHOD.md's
+suggestions).
+
+Epochs -> steps. Our trainer counts optimiser steps per stage, so each stage
+has both `epochs` (the paper's number) and `steps`, derived as
+
+    steps = epochs * ceil(data.assumed_train_images / train.batch_size)
+
+`data.assumed_train_images` (default 250) stands in for the category's real
+train-set size, which is only known once the data is read (MVTec-AD
+categories have 60 to 391 good train images, e.g. bottle 209, screw 320,
+toothbrush 60). The derivation is lazy (ml_collections FieldReference), so
+`--config.train.batch_size=32` or `--config.data.assumed_train_images=209`
+recompute the steps, while `--config.train.stageN.steps=K` overrides one
+stage outright. Code that knows the real image count may convert epochs to
+steps at start instead; the `epochs` fields are here for that.
+
+Hardware and expected result: NO timing was measured for this config -- no
+TPU was available in the environment where it was written, and nothing here
+claims a speed. The target (not a measured result) is the paper's MVTec-AD
+numbers: mean image AUROC 98.9 and pixel AUROC 98.7 over the 15 categories
+(per-category numbers vary; see METHOD.md). The global batch size must be
+divisible by the number of devices (v5litepod-8: 8 chips; v4-32: 16 chips);
+raise `train.batch_size` for bigger slices.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _default_config() -> ml_collections.ConfigDict:
+  # Loaded by path so that `--config configs/tpu.py` works from the repo
+  # root whatever sys.path holds (configs/ is not a package).
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      'default.py')
+  spec = importlib.util.spec_from_file_location('rcae_configs_default', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _ceil_div(numerator, denominator):
+  """ceil(a / b) for ints or FieldReferences (stays lazy for references)."""
+  return -((-numerator) // denominator)
+
+
+# The paper's epochs per stage (**P**).
+PAPER_EPOCHS = {1: 1500, 2: 400, 3: 300}
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = _default_config()
+  data, model, train = config.data, config.model, config.train
+
+  # ---------------------------------------------------------------- data
+  # Folder holding MVTec-AD's category folders: a local path on the VM, or
+  # a gs:// path where the data loader reads Cloud Storage. With
+  # launch/tpu_run.sh, DATA_URL=gs://... copies it to every worker and
+  # overrides this field with the local copy.
+  data.root = 'gs://YOUR_BUCKET/mvtec_ad'
+  # Category to train and evaluate (one model per category, as the paper).
+  data.category = 'bottle'
+  # Paper input size (**P**); divisible by 2**5 as N = 5 requires.
+  data.image_size = 1024
+  # tf.data pipeline (TensorFlow is in requirements.txt).
+  data.loader = 'tfdata'
+  # Assumed good train images per category, ONLY used to turn the paper's
+  # epochs into steps below (MVTec-AD: 60 to 391 per category).
+  data.assumed_train_images = 250
+
+  # --------------------------------------------------------------- model
+  # N = 5 recursion steps at test time (**P**).
+  model.depth = 5
+  # Shared encoder / decoder width (ours, METHOD.md's C = 128).
+  model.width = 128
+  # Residual blocks per encoder and decoder step (ours, METHOD.md).
+  model.num_res_blocks = 2
+  # Detail Preservation Network base width (ours).
+  model.dpn_width = 32
+  # Cross Recursion Detection network base width (ours).
+  model.crd_width = 16
+  # float32 as the paper; 'bfloat16' is worth trying on TPU (not measured).
+  model.dtype = 'float32'
+
+  # --------------------------------------------------------------- train
+  # Global batch size (all devices together; divisible by the device count).
+  train.batch_size = 16
+  # A checkpoint every 500 steps (and at every stage end): what a Spot VM
+  # preemption can cost at most.
+  train.checkpoint_every = 500
+  # Steps per epoch under the assumption above, lazily derived.
+  steps_per_epoch = _ceil_div(data.get_ref('assumed_train_images'),
+                              train.get_ref('batch_size'))
+  for stage, epochs in PAPER_EPOCHS.items():
+    cfg = train[f'stage{stage}']
+    # The paper's epochs for this stage (**P**).
+    cfg.epochs = epochs
+    # = epochs * ceil(assumed_train_images / batch_size); with the defaults
+    # 24000 / 6400 / 4800 steps. Override to set the steps directly.
+    cfg.steps = cfg.get_ref('epochs') * steps_per_epoch
+    # Adam learning rate 1e-4 (**P**).
+    cfg.learning_rate = 1e-4
+
+  # ---------------------------------------------------------------- eval
+  # Evaluation batch (global); 1024^2 maps, so keep it modest.
+  config.eval.batch_size = 16
+  return config

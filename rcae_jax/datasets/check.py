@@ -1,0 +1,184 @@
+"""Fast validation of a category's files before training starts.
+
+`validate_category` opens every image and mask once, in a thread pool, and
+reads only as much as it needs to find broken files quickly:
+
+- PNG: `Image.verify()` walks every chunk and checks its CRC, so truncated
+  or corrupted files fail without decompressing the pixels;
+- JPEG: a decode at 1/8 scale (`Image.draft`) still reads the whole
+  entropy-coded stream, so truncation is caught at a fraction of the cost;
+- other formats (BMP, TIFF): a full decode;
+- masks: a full decode (they are small), needed anyway to see whether a
+  defective image's mask has any foreground.
+
+Errors (unreadable, truncated or non-image files, masks whose size differs
+from their image) raise one `folder.DataError` listing up to 10 of them and
+the total. Warnings (empty masks of defective images, ignored non-image
+files) are logged with counts and returned in the `Report`, never dropped.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+from typing import Optional
+
+from PIL import Image, UnidentifiedImageError
+
+from rcae_jax.datasets import folder
+
+MAX_LISTED = 10
+_GREY_MODES = ('1', 'L', 'LA', 'La', 'I', 'F', 'I;16', 'I;16L', 'I;16B',
+               'I;16N')
+_SIXTEEN_BIT_MODES = ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N')
+_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError,
+           EOFError, Image.DecompressionBombError)
+
+
+@dataclasses.dataclass
+class Report:
+  """What validation found; counts plus up to MAX_LISTED example paths."""
+  category: str
+  num_images: int = 0  # train + test images opened
+  num_masks: int = 0
+  grey: int = 0  # single-channel images (fine: converted to RGB)
+  sixteen_bit: int = 0  # 16/32-bit integer images (fine: scaled to 8 bit)
+  grey_examples: list[str] = dataclasses.field(default_factory=list)
+  sixteen_bit_examples: list[str] = dataclasses.field(default_factory=list)
+  # Warnings.
+  empty_masks: int = 0  # defective test images whose mask is all zero
+  empty_mask_examples: list[str] = dataclasses.field(default_factory=list)
+  ignored: int = 0  # non-image files found in the category folders
+  ignored_examples: list[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def warnings(self) -> list[str]:
+    out = []
+    if self.empty_masks:
+      out.append(f'{self.empty_masks} defective test image(s) have a mask '
+                 'with no foreground (they add nothing to pixel metrics), '
+                 f'e.g. {", ".join(self.empty_mask_examples)}')
+    if self.ignored:
+      out.append(f'{self.ignored} non-image file(s) ignored, e.g. '
+                 f'{", ".join(self.ignored_examples)}')
+    return out
+
+
+def _note(examples: list[str], path: str) -> None:
+  if len(examples) < MAX_LISTED:
+    examples.append(path)
+
+
+@dataclasses.dataclass
+class _Result:
+  path: str
+  size: Optional[tuple[int, int]] = None  # (W, H)
+  mode: str = ''
+  error: Optional[str] = None
+  has_foreground: bool = True
+
+
+def _describe(e: BaseException) -> str:
+  if isinstance(e, UnidentifiedImageError):
+    return 'not an image Pillow can identify (wrong extension or corrupt)'
+  if isinstance(e, FileNotFoundError):
+    return 'file does not exist'
+  text = str(e) or type(e).__name__
+  if 'truncat' in text.lower():
+    return f'truncated file ({text})'
+  return f'corrupt or unreadable ({type(e).__name__}: {text})'
+
+
+def _check_image(path: str) -> _Result:
+  res = _Result(path)
+  try:
+    with Image.open(path) as img:
+      res.size, res.mode = img.size, img.mode
+      if img.format == 'PNG':
+        img.verify()
+      else:
+        if img.format in ('JPEG', 'MPO'):
+          img.draft(img.mode, (1, 1))  # Smallest DCT scale: reads all data.
+        img.load()
+  except _ERRORS as e:
+    res.error = _describe(e)
+  return res
+
+
+def _check_mask(path: str) -> _Result:
+  res = _Result(path)
+  try:
+    with Image.open(path) as img:
+      res.size, res.mode = img.size, img.mode
+      img.load()
+      res.has_foreground = img.convert('L').getbbox() is not None
+  except _ERRORS as e:
+    res.error = _describe(e)
+  return res
+
+
+def _check_test(ex: folder.TestExample) -> tuple[_Result, Optional[_Result]]:
+  image = _check_image(ex.path)
+  mask = _check_mask(ex.mask_path) if ex.mask_path is not None else None
+  return image, mask
+
+
+def validate_category(files: folder.CategoryFiles, workers: int = 4) -> Report:
+  """Checks every file of `files` once; DataError lists the broken ones."""
+  report = Report(category=files.category)
+  errors: list[tuple[str, str]] = []
+
+  def add_image(res: _Result) -> None:
+    report.num_images += 1
+    if res.error is not None:
+      errors.append((res.path, res.error))
+      return
+    if res.mode in _GREY_MODES:
+      report.grey += 1
+      _note(report.grey_examples, res.path)
+    if res.mode in _SIXTEEN_BIT_MODES:
+      report.sixteen_bit += 1
+      _note(report.sixteen_bit_examples, res.path)
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+    train = pool.map(_check_image, files.train)
+    test = pool.map(_check_test, files.test)
+    for res in train:
+      add_image(res)
+    for ex, (image, mask) in zip(files.test, test):
+      add_image(image)
+      if mask is None:
+        continue
+      report.num_masks += 1
+      if mask.error is not None:
+        errors.append((mask.path, f'mask: {mask.error}'))
+        continue
+      if image.error is None and mask.size != image.size:
+        errors.append((mask.path, (
+            f'mask is {mask.size[0]}x{mask.size[1]} but its image '
+            f'{ex.path!r} is {image.size[0]}x{image.size[1]} (W x H)')))
+      if ex.label and not mask.has_foreground:
+        report.empty_masks += 1
+        _note(report.empty_mask_examples, mask.path)
+
+  for path in files.ignored:
+    report.ignored += 1
+    _note(report.ignored_examples, path)
+
+  for message in report.warnings:
+    logging.warning('%s: %s', files.category, message)
+  if report.grey or report.sixteen_bit:
+    logging.info('%s: %d grey and %d 16-bit image(s) of %d (converted to '
+                 '8-bit RGB when loaded)', files.category, report.grey,
+                 report.sixteen_bit, report.num_images)
+
+  if errors:
+    lines = [f'  {path}: {problem}' for path, problem in errors[:MAX_LISTED]]
+    more = len(errors) - MAX_LISTED
+    if more > 0:
+      lines.append(f'  ... and {more} more')
+    raise folder.DataError(
+        f'{len(errors)} unusable file(s) in category {files.category!r} '
+        f'under {files.root!r}:\n' + '\n'.join(lines))
+  return report

@@ -1,0 +1,47 @@
+"""The main job without TensorFlow, tensorflow-datasets or clu installed."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Runs rcae_jax.main with the TF stack (and clu, which some accelerator
+# images lack too) made unimportable: a None entry in sys.modules makes
+# `import X` raise ImportError and importlib.util.find_spec(X) return None,
+# exactly as when X is not installed.
+BLOCKING_RUNNER = '''
+import runpy, sys
+BLOCKED = ('tensorflow', 'tensorflow_datasets', 'clu', 'tensorboard')
+for name in BLOCKED:
+  sys.modules[name] = None
+sys.argv = ['rcae_jax.main'] + sys.argv[1:]
+try:
+  runpy.run_module('rcae_jax.main', run_name='__main__', alter_sys=True)
+finally:
+  for name in BLOCKED:
+    assert sys.modules.get(name) is None, name
+'''
+
+
+def test_main_job_runs_without_tensorflow(tmp_path):
+  workdir = tmp_path / 'wd'
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu',
+             RCAE_JAX_CACHE=str(tmp_path / 'cache'))
+  env.pop('XLA_FLAGS', None)
+  result = subprocess.run(
+      [sys.executable, '-c', BLOCKING_RUNNER, '--config',
+       os.path.join(REPO, 'configs', 'smoke.py'), '--workdir', str(workdir),
+       '--config.data.loader=auto'],
+      capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'using the memory loader' in result.stderr
+  assert 'TensorBoard summaries and clu progress reports are disabled' in (
+      result.stderr)
+  metrics = json.load(open(workdir / 'metrics.json'))
+  assert 0 <= metrics['synthetic']['image_auroc'] <= 1
+  assert os.listdir(workdir / 'checkpoints')
+  rows = [json.loads(l) for l in open(workdir / 'scalars.jsonl')]
+  assert any('stage1/loss' in r for r in rows)
+  assert any('eval/pixel_auroc' in r for r in rows)
