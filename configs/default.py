@@ -34,6 +34,14 @@ def get_config() -> ml_collections.ConfigDict:
   data.root = ''
   # Category folder name under `root` (ignored for the built-in data).
   data.category = 'synthetic'
+  # Layout of `root`: 'mvtec' (MVTec-AD folders, also users' own data) or
+  # 'visa' (raw VisA: <cat>/Data/Images/{Normal,Anomaly} + split CSV).
+  data.format = 'mvtec'
+  # VisA split CSV ('' = <root>/split_csv/1cls.csv, the official 1-class).
+  data.visa_split_csv = ''
+  # Open every image and mask once before training (corrupt files, mask
+  # sizes): a few seconds that save a crash hours into a run.
+  data.check_files = True
   # Where the built-in category is written; '' means ~/.cache/rcae_jax
   # (or $RCAE_JAX_CACHE when set).
   data.synthetic_cache = ''
@@ -44,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.synthetic_test_per_defect = 20
   # Side of the generated images in pixels.
   data.synthetic_size = 128
+  # Fraction of train/good held out (never trained on) to set the image
+  # and pixel thresholds without looking at test labels.
+  data.val_fraction = 0.1
   # Model input size (square); images are resized to it.
   data.image_size = 64
   # 'auto' (tf.data if TensorFlow imports, else in memory), 'tfdata' or
@@ -126,6 +137,19 @@ def get_config() -> ml_collections.ConfigDict:
   ev.smoothing_size = 8
   # Batch size for evaluation.
   ev.batch_size = 16
+  # Write each test map as float32 TIFF at the ground-truth size under
+  # <workdir>/anomaly_maps/<category>/test/<defect>/<stem>.tiff (the layout
+  # MVTec's official evaluation script reads).
+  ev.export_maps = True
+  # Picture panels (input, each depth, detail-restored, overlay) for this
+  # many test images per defect type (0 = none), plus ROC/PRO curves.
+  ev.pictures_per_type = 2
+  # Thresholds from the held-out good images: image = this quantile of
+  # their scores, pixel = `pixel_quantile` of their map values.
+  ev.image_quantile = 0.99
+  ev.pixel_quantile = 0.999
+  # AU-PRO integration limit (false-positive rate).
+  ev.pro_fpr_limit = 0.3
   # Gaussian blur (sigma, px) of the recursion-error map; 0 = none.
   ev.map_sigma = 1.0
   # Pixel metrics at the ground-truth masks' own size ("ground_truth",

@@ -34,7 +34,6 @@ accelerator images that ship JAX alone.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import platform
@@ -47,6 +46,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from rcae_jax import fileio
 from rcae_jax import evaluate
 from rcae_jax import flops as flops_lib
 from rcae_jax import train
@@ -323,13 +323,6 @@ def format_table(rows) -> str:
   return '\n'.join(lines)
 
 
-def write_json_atomic(path: str, obj) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
-
-
 def run_benchmark(config, workdir: str) -> dict:
   """Runs the benchmark of `config.benchmark`, writes
   `<workdir>/benchmark.json`, prints a table and returns the report."""
@@ -368,9 +361,9 @@ def run_benchmark(config, workdir: str) -> dict:
                               gflop=flop_info[int(size)]['gflop_per_image']))
         # Rewritten after every combination: if a later one runs out of
         # memory, the rows measured so far are kept ('complete': false).
-        write_json_atomic(path, report)
+        fileio.write_json_atomic(path, report)
   report['complete'] = True
-  write_json_atomic(path, report)
+  fileio.write_json_atomic(path, report)
   table = format_table(rows)
   print(f'RcAE inference benchmark on {env["device_kind"]} '
         f'({env["platform"]}), jax {jax.__version__}, python '

@@ -17,7 +17,6 @@ evaluation does); `eval.pixel_resolution='model'` uses the model's size.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import time
@@ -27,8 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from rcae_jax import fileio
+from rcae_jax import export_maps
 from rcae_jax import metrics as metrics_lib
 from rcae_jax import train
+from rcae_jax import visualize
+from rcae_jax.datasets import folder
 
 
 def gaussian_kernel(sigma: float) -> np.ndarray:
@@ -112,56 +115,166 @@ def upsample(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
                                Image.Resampling.BILINEAR))
 
 
-def run_predictions(params, loader, config, predict_fn=None):
-  """Maps [n, S, S], scores [n], labels [n], model-size masks [n, S, S]."""
+def run_predictions(params, loader, config, split: str = 'test',
+                    predict_fn=None, keep=()):
+  """Maps [n, S, S], scores [n], labels [n], model-size masks [n, S, S],
+  and {index: (recs, details)} for the example indices in `keep` (for
+  pictures; everything else is dropped at once to bound host memory)."""
   predict_fn = predict_fn or make_predict_fn(config)
-  maps, scores, labels, masks = [], [], [], []
-  for batch in loader.test_batches(config.eval.batch_size):
+  maps, scores, labels, masks, kept = [], [], [], [], {}
+  keep, offset = set(keep), 0
+  for batch in loader.test_batches(config.eval.batch_size, split=split):
     out = predict_fn(params, batch['image'])
-    keep = np.asarray(batch['valid'], bool)
-    maps.append(np.asarray(out['map'])[keep])
-    scores.append(np.asarray(out['score'])[keep])
-    labels.append(np.asarray(batch['label'])[keep])
-    masks.append(np.asarray(batch['mask'])[keep])
+    valid = np.asarray(batch['valid'], bool)
+    maps.append(np.asarray(out['map'])[valid])
+    scores.append(np.asarray(out['score'])[valid])
+    labels.append(np.asarray(batch['label'])[valid])
+    masks.append(np.asarray(batch['mask'])[valid])
+    for j in np.flatnonzero(valid):
+      if offset + j in keep:
+        kept[offset + j] = (np.asarray(out['recs'][:, j]),
+                            np.asarray(out['details'][:, j]))
+    offset += int(valid.sum())
   return (np.concatenate(maps), np.concatenate(scores),
-          np.concatenate(labels), np.concatenate(masks))
+          np.concatenate(labels), np.concatenate(masks), kept)
+
+
+def choose_thresholds(params, loader, config, predict_fn) -> dict:
+  """Image and pixel thresholds from held-out good training images: no
+  test label is looked at. Without held-out images, the training images
+  stand in (optimistic: the model has seen them)."""
+  held_out = bool(loader.examples['val'])
+  if not held_out:
+    logging.warning('No held-out images (data.val_fraction=0): thresholds '
+                    'come from training images and will be too low.')
+    loader.examples['val'] = tuple(
+        folder.TestExample(p, 0, folder.GOOD, None)
+        for p in loader.files.train)
+  maps, scores, _, _, _ = run_predictions(params, loader, config, 'val',
+                                          predict_fn)
+  return {'image': float(np.quantile(scores, config.eval.image_quantile)),
+          'pixel': float(np.quantile(maps, config.eval.pixel_quantile)),
+          'num_images': int(len(scores)),
+          'source': ('held-out good training images' if held_out
+                     else 'training images (no held-out split)')}
+
+
+def picture_indices(examples, per_type: int) -> list[int]:
+  """The first `per_type` test images of each defect type (and of good)."""
+  seen, out = {}, []
+  for i, e in enumerate(examples):
+    if seen.get(e.defect_type, 0) < per_type:
+      seen[e.defect_type] = seen.get(e.defect_type, 0) + 1
+      out.append(i)
+  return out
 
 
 def evaluate(params, loader, config, workdir: str, writer=None,
              step: int = 0) -> dict:
-  """Scores the test set, writes `<workdir>/metrics.json`, returns it."""
+  """Scores the test set; writes metrics.json, results.md, thresholds.json,
+  TIFF maps and pictures under `workdir`; returns the metrics report."""
   check_scoring(config)
   t0 = time.time()
-  maps, scores, labels, small_masks = run_predictions(params, loader, config)
-  resolution = config.eval.get('pixel_resolution', 'ground_truth')
-  masks = None
+  predict_fn = make_predict_fn(config)
+  examples = loader.files.test
+  show = picture_indices(examples, config.eval.pictures_per_type)
+  maps, scores, labels, small_masks, kept = run_predictions(
+      params, loader, config, 'test', predict_fn, keep=show)
+  thresholds = choose_thresholds(params, loader, config, predict_fn)
+  fileio.write_json_atomic(os.path.join(workdir, 'thresholds.json'),
+                           thresholds)
+  resolution = config.eval.pixel_resolution
+  masks = gt_maps = None
+  if loader.files.has_masks or config.eval.export_maps:
+    full = loader.full_masks()
+    gt_maps = [upsample(m, gt.shape) for m, gt in zip(maps, full)]
   if loader.files.has_masks:
     if resolution == 'ground_truth':
-      masks = loader.full_masks()
-      maps = [upsample(m, gt.shape) for m, gt in zip(maps, masks)]
+      masks, pixel_maps = full, gt_maps
     else:
-      masks = list(small_masks.astype(bool))
-      maps = list(maps)
+      masks, pixel_maps = list(small_masks.astype(bool)), list(maps)
   result = metrics_lib.compute_metrics(
-      labels, scores, masks=masks, maps=maps if masks is not None else None)
+      labels, scores, masks=masks, maps=pixel_maps if masks else None,
+      fpr_limit=config.eval.pro_fpr_limit)
+  result['image_f1_at_threshold'] = metrics_lib.f1_at(
+      labels, scores, thresholds['image'])
+  if masks is not None:
+    result['pixel_f1_at_threshold'] = metrics_lib.f1_at(
+        np.concatenate([m.ravel() for m in masks]),
+        np.concatenate([m.ravel() for m in pixel_maps]), thresholds['pixel'])
   result = {k: float(v) for k, v in result.items()}
   logging.info('Evaluation of %d test images in %.1f s: %s', len(labels),
                time.time() - t0,
                ', '.join(f'{k}={v:.4f}' for k, v in sorted(result.items())))
-  if writer is not None:
-    writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
-    writer.flush()
   category = loader.files.category
+  if jax.process_index() == 0:
+    if config.eval.export_maps:
+      n = export_maps.export(workdir, category, examples, gt_maps)
+      logging.info('Wrote %d anomaly maps under %s/anomaly_maps', n, workdir)
+    images = save_pictures(workdir, loader, examples, kept, maps, small_masks,
+                           labels, scores, masks, pixel_maps if masks else None,
+                           thresholds, config)
+    if writer is not None:
+      writer.write_scalars(step, {f'eval/{k}': v for k, v in result.items()})
+      if images:
+        writer.write_images(step, images)
+      writer.flush()
   report = {category: dict(result, pixel_resolution=resolution,
                            scoring=config.eval.scoring,
                            num_test_images=int(len(labels)))}
-  write_json_atomic(os.path.join(workdir, 'metrics.json'), report)
+  fileio.write_json_atomic(os.path.join(workdir, 'metrics.json'), report)
+  fileio.write_text_atomic(os.path.join(workdir, 'results.md'),
+                           results_table(report))
   return report
 
 
-def write_json_atomic(path: str, obj) -> None:
-  """Temp file + rename: a crash never leaves a half-written file."""
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+def save_pictures(workdir, loader, examples, kept, maps, small_masks, labels,
+                  scores, masks, pixel_maps, thresholds, config) -> dict:
+  """Panels for the sampled test images and ROC / PRO curves as PNG under
+  <workdir>/pictures; returns a few as TensorBoard images."""
+  out = os.path.join(workdir, 'pictures')
+  vmin, vmax = visualize.value_range(list(maps))
+  tb = {}
+  # Small model inputs are enlarged (nearest) so the panels stay legible.
+  k = max(1, -(-128 // maps.shape[1]))
+  up = lambda a: np.repeat(np.repeat(np.asarray(a), k, -2 if a.ndim == 2
+                                     else -3), k, -1 if a.ndim == 2 else -2)
+  for i, (recs, dets) in sorted(kept.items()):
+    ex = examples[i]
+    strip = visualize.panel(
+        up(loader.eval_image(i)), [up(np.clip(r, 0, 1)) for r in recs],
+        [up(np.clip(d, 0, 1)) for d in dets] if train.uses_dpn(config)
+        else None, up(maps[i]), vmin, vmax,
+        gt_mask=up(small_masks[i].astype(bool)),
+        threshold=thresholds['pixel'])
+    stem = os.path.splitext(os.path.basename(ex.path))[0]
+    visualize.save_png(os.path.join(out, ex.defect_type, f'{stem}.png'), strip)
+    if len(tb) < 8:
+      tb[f'panel/{ex.defect_type}_{stem}'] = strip[None]
+  if len(set(labels.tolist())) == 2:
+    fpr, tpr = metrics_lib.roc_curve(labels, scores)
+    tb['curves/image_roc'] = visualize.curve_plot(
+        fpr, tpr, 'image ROC', 'FPR', 'TPR')[None]
+  if masks is not None:
+    fprs, pros = metrics_lib.pro_curve(masks, pixel_maps)
+    tb['curves/pro'] = visualize.curve_plot(
+        fprs, pros, 'PRO curve', 'FPR', 'PRO',
+        x_max=config.eval.pro_fpr_limit)[None]
+  for name, img in tb.items():
+    if name.startswith('curves/'):
+      visualize.save_png(os.path.join(out, name.split('/')[1] + '.png'),
+                         img[0])
+  return tb
+
+
+def results_table(report: dict) -> str:
+  """Markdown table: one row per category (and `mean` when present)."""
+  keys = ['image_auroc', 'pixel_auroc', 'au_pro', 'pixel_ap', 'image_f1_max',
+          'pixel_f1_max']
+  lines = ['| category | ' + ' | '.join(keys) + ' |',
+           '|---|' + '---|' * len(keys)]
+  for category, m in report.items():
+    cells = [f'{m[k]:.4f}' if isinstance(m.get(k), float) else '-'
+             for k in keys]
+    lines.append(f'| {category} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'

@@ -17,6 +17,7 @@ runs where TensorFlow is not installed.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import os
 from typing import Iterator
@@ -36,8 +37,26 @@ def resolve_files(data_cfg, seed: int = 0) -> folder.CategoryFiles:
         n_test_good=data_cfg.synthetic_test_good,
         n_per_defect=data_cfg.synthetic_test_per_defect)
     return folder.discover(root, synthetic.CATEGORY)
-  return folder.discover(os.path.abspath(os.path.expanduser(root)),
-                         data_cfg.category)
+  root = os.path.abspath(os.path.expanduser(root))
+  if data_cfg.get('format', 'mvtec') == 'visa':
+    from rcae_jax.datasets import visa  # pylint: disable=g-import-not-at-top
+    return visa.discover_visa(root, data_cfg.category,
+                              data_cfg.get('visa_split_csv') or None)
+  return folder.discover(root, data_cfg.category)
+
+
+def split_validation(files: folder.CategoryFiles, fraction: float, seed: int
+                     ) -> tuple[folder.CategoryFiles, tuple[str, ...]]:
+  """Holds out `fraction` of train/good (at least one image when > 0) for
+  choosing thresholds without test labels. Deterministic from the seed."""
+  n = len(files.train)
+  k = min(n - 1, int(np.ceil(fraction * n))) if fraction > 0 else 0
+  if k <= 0:
+    return files, ()
+  held = set(np.random.default_rng([seed, 7]).permutation(n)[:k].tolist())
+  train = tuple(p for i, p in enumerate(files.train) if i not in held)
+  val = tuple(p for i, p in enumerate(files.train) if i in held)
+  return dataclasses.replace(files, train=train), val
 
 
 def batch_indices(step: int, batch_size: int, num_examples: int,
@@ -84,10 +103,16 @@ class Loader:
   name = 'base'
 
   def __init__(self, files: folder.CategoryFiles, image_size: int,
-               num_workers: int = 4):
+               num_workers: int = 4, val: tuple[str, ...] = ()):
     self.files = files
     self.image_size = image_size
     self.num_workers = num_workers
+    # Evaluation splits: 'test' and the held-out good training images
+    # ('val', for thresholds), served through the same code path.
+    self.examples = {
+        'test': files.test,
+        'val': tuple(folder.TestExample(p, 0, folder.GOOD, None) for p in val),
+    }
 
   @property
   def num_train(self) -> int:
@@ -97,11 +122,15 @@ class Loader:
   def num_test(self) -> int:
     return len(self.files.test)
 
-  def _test_mask(self, i: int) -> np.ndarray:
-    ex = self.files.test[i]
+  def _test_mask(self, i: int, split: str = 'test') -> np.ndarray:
+    ex = self.examples[split][i]
     shape = decode.image_shape(ex.path)
     mask = decode.load_mask(ex.mask_path, shape)
     return decode.resize_mask(mask, self.image_size).astype(np.uint8)
+
+  def eval_image(self, i: int, split: str = 'test') -> np.ndarray:
+    """One evaluation image at the model size (for pictures)."""
+    return decode.load_image(self.examples[split][i].path, self.image_size)
 
   def full_masks(self) -> list[np.ndarray]:
     """Ground-truth masks at their original resolution, in test order."""
@@ -115,7 +144,8 @@ class Loader:
                     ) -> Iterator[dict]:
     raise NotImplementedError
 
-  def test_batches(self, batch_size: int) -> Iterator[dict]:
+  def test_batches(self, batch_size: int, split: str = 'test'
+                   ) -> Iterator[dict]:
     raise NotImplementedError
 
 
@@ -128,10 +158,10 @@ class MemoryLoader(Loader):
 
   name = 'memory'
 
-  def __init__(self, files, image_size, num_workers=4):
-    super().__init__(files, image_size, num_workers)
+  def __init__(self, files, image_size, num_workers=4, val=()):
+    super().__init__(files, image_size, num_workers, val)
     self._train = None
-    self._test = None
+    self._eval = {}
 
   def _decode_all(self, fn, items):
     with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
@@ -143,14 +173,15 @@ class MemoryLoader(Loader):
           lambda p: decode.load_image(p, self.image_size), self.files.train)
     return self._train
 
-  def test_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-    if self._test is None:
+  def eval_arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    if split not in self._eval:
+      examples = self.examples[split]
       images = self._decode_all(
-          lambda e: decode.load_image(e.path, self.image_size),
-          self.files.test)
-      masks = self._decode_all(self._test_mask, range(self.num_test))
-      self._test = images, masks
-    return self._test
+          lambda e: decode.load_image(e.path, self.image_size), examples)
+      masks = self._decode_all(lambda i: self._test_mask(i, split),
+                               range(len(examples)))
+      self._eval[split] = images, masks
+    return self._eval[split]
 
   def train_batches(self, batch_size, seed, start_step=0, process_index=0,
                     process_count=1):
@@ -162,11 +193,12 @@ class MemoryLoader(Loader):
       yield {'image': images[idx]}
       step += 1
 
-  def test_batches(self, batch_size):
-    images, masks = self.test_arrays()
-    labels = np.array([e.label for e in self.files.test], np.int32)
-    order = padded_test_order(self.num_test, batch_size)
-    valid = np.arange(len(order)) < self.num_test
+  def test_batches(self, batch_size, split='test'):
+    images, masks = self.eval_arrays(split)
+    n = len(self.examples[split])
+    labels = np.array([e.label for e in self.examples[split]], np.int32)
+    order = padded_test_order(n, batch_size)
+    valid = np.arange(len(order)) < n
     for s in range(0, len(order), batch_size):
       idx = order[s:s + batch_size]
       yield {'image': images[idx], 'mask': masks[idx], 'label': labels[idx],
@@ -196,8 +228,8 @@ class TFDataLoader(Loader):
 
   name = 'tfdata'
 
-  def __init__(self, files, image_size, num_workers=4):
-    super().__init__(files, image_size, num_workers)
+  def __init__(self, files, image_size, num_workers=4, val=()):
+    super().__init__(files, image_size, num_workers, val)
     self.tf = import_tensorflow()
 
   def _decode_map(self, paths):
@@ -236,24 +268,25 @@ class TFDataLoader(Loader):
     ds = ds.batch(local, drop_remainder=True).map(lambda x: {'image': x})
     return self._numpy(ds.prefetch(tf.data.AUTOTUNE))
 
-  def test_batches(self, batch_size):
+  def test_batches(self, batch_size, split='test'):
     tf = self.tf
-    order = padded_test_order(self.num_test, batch_size)
-    labels = np.array([e.label for e in self.files.test], np.int32)
+    examples = self.examples[split]
+    order = padded_test_order(len(examples), batch_size)
+    labels = np.array([e.label for e in examples], np.int32)
     size = self.image_size
 
     def load_mask(i):
-      return self._test_mask(int(i))
+      return self._test_mask(int(i), split)
 
     def mask_fn(i):
       m = tf.numpy_function(load_mask, [i], tf.uint8, stateful=False)
       m.set_shape((size, size))
       return m
 
-    decode_image = self._decode_map([e.path for e in self.files.test])
+    decode_image = self._decode_map([e.path for e in examples])
     ds = tf.data.Dataset.from_tensor_slices({
         'index': order, 'label': labels[order],
-        'valid': np.arange(len(order)) < self.num_test})
+        'valid': np.arange(len(order)) < len(examples)})
     ds = ds.map(lambda d: {'image': decode_image(d['index']),
                            'mask': mask_fn(d['index']), 'label': d['label'],
                            'valid': d['valid']},
@@ -269,16 +302,17 @@ def tensorflow_available() -> bool:
     return False
 
 
-def make_loader(data_cfg, files: folder.CategoryFiles) -> Loader:
-  """Picks the loader named by `data_cfg.loader` ('auto' prefers tf.data)."""
+def make_loader(data_cfg, files: folder.CategoryFiles, val=()) -> Loader:
+  """Picks the loader named by `data_cfg.loader` ('auto' prefers tf.data).
+  `val`: held-out good training images (see split_validation)."""
   choice = data_cfg.loader
   if choice == 'auto':
     choice = 'tfdata' if tensorflow_available() else 'memory'
     logging.info('data.loader=auto: using the %s loader%s', choice,
                  '' if choice == 'tfdata' else ' (TensorFlow not importable)')
   if choice == 'tfdata':
-    return TFDataLoader(files, data_cfg.image_size, data_cfg.num_workers)
+    return TFDataLoader(files, data_cfg.image_size, data_cfg.num_workers, val)
   if choice == 'memory':
-    return MemoryLoader(files, data_cfg.image_size, data_cfg.num_workers)
+    return MemoryLoader(files, data_cfg.image_size, data_cfg.num_workers, val)
   raise ValueError(f"data.loader must be 'auto', 'tfdata' or 'memory', got "
                    f'{choice!r}')

@@ -24,9 +24,24 @@ config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).',
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def initialize_distributed() -> None:
+  """Multi-host runs (launch/): RCAE_JAX_COORDINATOR/_NUM_PROCESSES/
+  _PROCESS_ID for GPU clusters; RCAE_JAX_DISTRIBUTED=1 on Cloud TPU, where
+  JAX finds its peers by itself. Single-host runs set neither."""
+  env = os.environ
+  if env.get('RCAE_JAX_COORDINATOR'):
+    jax.distributed.initialize(
+        coordinator_address=env['RCAE_JAX_COORDINATOR'],
+        num_processes=int(env['RCAE_JAX_NUM_PROCESSES']),
+        process_id=int(env['RCAE_JAX_PROCESS_ID']))
+  elif env.get('RCAE_JAX_DISTRIBUTED') == '1':
+    jax.distributed.initialize()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  initialize_distributed()
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
   try:

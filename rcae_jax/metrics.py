@@ -37,6 +37,7 @@ __all__ = [
     "f1_at",
     "f1_max",
     "pro_curve",
+    "roc_curve",
     "trapezoid_area",
 ]
 
@@ -107,6 +108,16 @@ def _binary_curve(
   n_pos = int(tps[-1])
   n_neg = int(fps[-1])
   return tps, fps, s_sorted[ends].astype(np.float64), n_pos, n_neg
+
+
+def roc_curve(labels: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
+  """(fpr, tpr) at every distinct threshold, from (0, 0) to (1, 1)."""
+  tps, fps, _, n_pos, n_neg = _binary_curve(labels, scores)
+  if n_pos == 0 or n_neg == 0:
+    raise ValueError("ROC needs both classes: got %d positive and %d negative"
+                     % (n_pos, n_neg))
+  return (np.concatenate([[0.0], fps / n_neg]),
+          np.concatenate([[0.0], tps / n_pos]))
 
 
 def auroc(labels: Any, scores: Any) -> float:

@@ -7,6 +7,9 @@ the field, not minutes later as a traceback from inside XLA or tf.data.
 from __future__ import annotations
 
 
+MODES = ('train', 'evaluate', 'predict', 'benchmark')
+
+
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the field."""
 
@@ -17,11 +20,12 @@ def _choice(value, name, options):
 
 
 def validate(config) -> None:
-  _choice(config.mode, 'mode', ('train', 'evaluate'))
+  _choice(config.mode, 'mode', MODES)
   m, d, t, e = config.model, config.data, config.train, config.eval
   _choice(m.recursion, 'model.recursion', ('depth', 'iterative'))
   _choice(m.dtype, 'model.dtype', ('float32', 'bfloat16'))
   _choice(d.loader, 'data.loader', ('auto', 'tfdata', 'memory'))
+  _choice(d.get('format', 'mvtec'), 'data.format', ('mvtec', 'visa'))
   _choice(e.scoring, 'eval.scoring', ('crd', 'recursion'))
   _choice(e.image_score, 'eval.image_score', ('max', 'mean'))
   _choice(e.smoothing, 'eval.smoothing', ('box', 'gaussian'))
