@@ -155,4 +155,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Pixel metrics at the ground-truth masks' own size ("ground_truth",
   # as the official MVTec evaluation) or at the model size ("model").
   ev.pixel_resolution = "ground_truth"
+
+  # ------------------------------------------------------------- predict
+  config.predict = pr = ml_collections.ConfigDict()
+  # mode='predict': a folder of images or comma-separated image files.
+  pr.inputs = ''
+  # Output folder ('' = <workdir>/predictions): <stem>.tiff maps at each
+  # image's own size, <stem>_overlay.png, predictions.csv / .json.
+  pr.output = ''
   return config

@@ -152,8 +152,14 @@ def choose_thresholds(params, loader, config, predict_fn) -> dict:
         for p in loader.files.train)
   maps, scores, _, _, _ = run_predictions(params, loader, config, 'val',
                                           predict_fn)
+  pixel = float(np.quantile(maps, config.eval.pixel_quantile))
+  median = float(np.median(maps))
   return {'image': float(np.quantile(scores, config.eval.image_quantile)),
-          'pixel': float(np.quantile(maps, config.eval.pixel_quantile)),
+          'pixel': pixel,
+          # Colour scale for overlays of new images: the pixel threshold sits
+          # mid-scale, typical normal pixels at the bottom.
+          'display_min': median,
+          'display_max': pixel + max(pixel - median, 1e-6),
           'num_images': int(len(scores)),
           'source': ('held-out good training images' if held_out
                      else 'training images (no held-out split)')}

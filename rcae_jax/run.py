@@ -38,6 +38,10 @@ def run(config, workdir: str) -> dict:
     validate.validate(config)
     from rcae_jax import benchmark  # pylint: disable=g-import-not-at-top
     return benchmark.run_benchmark(config, workdir)
+  if config.mode == 'predict':
+    validate.validate(config)
+    from rcae_jax import predict  # pylint: disable=g-import-not-at-top
+    return {'predictions': predict.predict_files(config, workdir)}
   loader = prepare(config, workdir)
   if config.mode == 'train':
     params = train.train_and_checkpoint(config, workdir, loader)

@@ -55,6 +55,9 @@ def validate(config) -> None:
     raise ConfigError("config.eval.scoring='crd' needs stage 3: set "
                       "config.train.stage3.steps > 0 or "
                       "config.eval.scoring='recursion'")
+  if config.mode == 'predict' and not config.predict.inputs:
+    raise ConfigError("config.mode='predict' needs config.predict.inputs (a "
+                      'folder or comma-separated image files)')
   if t.log_every < 1 or t.checkpoint_every < 1:
     raise ConfigError('config.train.log_every and checkpoint_every must be '
                       '>= 1')

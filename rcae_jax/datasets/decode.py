@@ -32,12 +32,21 @@ def _to_rgb8(img: Image.Image) -> Image.Image:
   return img.convert('RGB')
 
 
-def load_image(path: str, size: int) -> np.ndarray:
-  """Decodes `path` to uint8 [size, size, 3] (bilinear, antialiased)."""
+def load_image(path: str, size: int | None) -> np.ndarray:
+  """Decodes `path` to uint8 [size, size, 3] (bilinear, antialiased), or
+  at its own resolution when size is None."""
   img = _to_rgb8(_open(path))
-  if img.size != (size, size):
+  if size is not None and img.size != (size, size):
     img = img.resize((size, size), Image.Resampling.BILINEAR)
   return np.asarray(img, dtype=np.uint8)
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] to [size, size, 3], the same resampling as load_image."""
+  if image.shape[:2] == (size, size):
+    return image
+  return np.asarray(Image.fromarray(image).resize(
+      (size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def load_mask(path: str | None, shape: tuple[int, int]) -> np.ndarray:

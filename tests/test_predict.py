@@ -1,0 +1,59 @@
+"""Predict on a tiny trained workdir: maps at each input's own size."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rcae_jax import run as run_lib
+from rcae_jax.datasets import folder
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  import conftest  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('wd'))
+  config = conftest.tiny_config()
+  run_lib.run(config, workdir)
+  return config, workdir
+
+
+def test_predict_writes_maps_of_each_inputs_size(trained, tmp_path):
+  config, workdir = trained
+  inputs = tmp_path / 'in'
+  inputs.mkdir()
+  rng = np.random.default_rng(0)
+  sizes = {'a.png': (40, 56), 'b.JPG': (33, 33), 'c.bmp': (70, 20)}
+  for name, (h, w) in sizes.items():
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)).save(
+        inputs / name)
+  (inputs / 'notes.txt').write_text('not an image')
+  config = config.copy_and_resolve_references()
+  config.mode = 'predict'
+  config.predict.inputs = str(inputs)
+  config.predict.output = str(tmp_path / 'out')
+  rows = run_lib.run(config, workdir)['predictions']
+  assert [os.path.basename(r['file']) for r in rows] == sorted(sizes)
+  thresholds = json.load(open(os.path.join(workdir, 'thresholds.json')))
+  for row in rows:
+    h, w = sizes[os.path.basename(row['file'])]
+    amap = np.asarray(Image.open(row['map']))
+    assert amap.shape == (h, w) and amap.dtype == np.float32
+    overlay = Image.open(row['map'].replace('.tiff', '_overlay.png'))
+    assert overlay.size == (w, h)
+    expected = 'DEFECT' if row['score'] >= thresholds['image'] else 'OK'
+    assert row['decision'] == expected
+  with open(tmp_path / 'out' / 'predictions.csv') as f:
+    assert len(list(csv.DictReader(f))) == 3
+
+
+def test_predict_rejects_missing_input(trained, tmp_path):
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  config.mode = 'predict'
+  config.predict.inputs = str(tmp_path / 'missing.png')
+  with pytest.raises(folder.DataError, match='missing.png'):
+    run_lib.run(config, workdir)
