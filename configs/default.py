@@ -34,6 +34,11 @@ def get_config() -> ml_collections.ConfigDict:
   data.root = ''
   # Category folder name under `root` (ignored for the built-in data).
   data.category = 'synthetic'
+  # Several categories in one command (e.g. all 15 of MVTec-AD): each is
+  # trained and evaluated into <workdir>/<category>/, finished ones are
+  # skipped on rerun, and <workdir>/metrics.json gets a `mean` entry.
+  # Empty: just `category`.
+  data.categories = ()
   # Layout of `root`: 'mvtec' (MVTec-AD folders, also users' own data) or
   # 'visa' (raw VisA: <cat>/Data/Images/{Normal,Anomaly} + split CSV).
   data.format = 'mvtec'
@@ -62,6 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
   data.loader = 'auto'
   # Decode threads for the in-memory loader (tf.data uses AUTOTUNE).
   data.num_workers = 4
+  # Training augmentation on the host ('' = none): a comma-separated subset
+  # of 'hflip', 'vflip', 'rot90' (per example, drawn from seed and step;
+  # both loaders identical). Textures: 'hflip,vflip,rot90'; objects: ''.
+  data.augment = ''
 
   # --------------------------------------------------------------- model
   config.model = model = ml_collections.ConfigDict()

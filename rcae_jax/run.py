@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
 import jax
+import numpy as np
 
 from rcae_jax import evaluate
+from rcae_jax import fileio
 from rcae_jax import input_pipeline
 from rcae_jax import train
 from rcae_jax import validate
@@ -34,6 +37,8 @@ def prepare(config, workdir: str):
 def run(config, workdir: str) -> dict:
   """Dispatches on config.mode; returns that mode's report."""
   os.makedirs(workdir, exist_ok=True)
+  if config.data.get('categories') and config.mode in ('train', 'evaluate'):
+    return run_categories(config, workdir)
   if config.mode == 'benchmark':
     validate.validate(config)
     from rcae_jax import benchmark  # pylint: disable=g-import-not-at-top
@@ -51,3 +56,39 @@ def run(config, workdir: str) -> dict:
   report = evaluate.evaluate(params, loader, config, workdir, writer=writer)
   writer.close()
   return report
+
+
+def run_categories(config, workdir: str) -> dict:
+  """Trains / evaluates each of `config.data.categories` into
+  <workdir>/<category>/ one after another, skipping categories whose
+  metrics.json already exists (a rerun finishes what is left), then writes
+  the summary metrics.json (with a `mean` entry) and results.md."""
+  report = {}
+  for category in config.data.categories:
+    sub = config.copy_and_resolve_references()
+    with sub.unlocked():
+      sub.data.category = category
+      sub.data.categories = ()
+    subdir = os.path.join(workdir, category)
+    done = os.path.join(subdir, 'metrics.json')
+    if config.mode == 'train' and os.path.exists(done):
+      logging.info('Category %s already finished (%s): skipped', category,
+                   done)
+      with open(done, encoding='utf-8') as f:
+        report.update(json.load(f))
+      continue
+    logging.info('=== Category %s -> %s', category, subdir)
+    report.update(run(sub, subdir))
+  report['mean'] = mean_metrics(report)
+  fileio.write_json_atomic(os.path.join(workdir, 'metrics.json'), report)
+  fileio.write_text_atomic(os.path.join(workdir, 'results.md'),
+                           evaluate.results_table(report))
+  return report
+
+
+def mean_metrics(report: dict) -> dict:
+  """Mean of each numeric metric over the categories that have it."""
+  keys = sorted({k for m in report.values() for k, v in m.items()
+                 if isinstance(v, float)})
+  return {k: float(np.mean([m[k] for m in report.values() if k in m]))
+          for k in keys}
