@@ -29,6 +29,8 @@ import math
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,3 +140,26 @@ def conv_flops_per_image(fn: Callable[..., Any], *example_args,
   if batch < 1:
     raise ValueError(f'batch must be >= 1, got {batch}')
   return count_flops(fn, *example_args).total / batch
+
+
+def model_report(config, params) -> dict:
+  """Parameters and analytic GFLOP per image of each component at the
+  config's image size: RcAE (all N reconstructions), DPN (on all N), CRD.
+  Only traces (jax.make_jaxpr on shapes): nothing runs or compiles."""
+  from rcae_jax import train  # pylint: disable=g-import-not-at-top
+  nets = train.build_networks(config.model)
+  s, n = config.data.image_size, config.model.depth
+  x = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
+  recs = jax.ShapeDtypeStruct((n, 1, s, s, 3), jnp.float32)
+  parts = {
+      'rcae': (lambda p, x: train.reconstructions(nets, p, x), (x,)),
+      'dpn': (lambda p, r, x: train.details(nets, p, r, x, True), (recs, x)),
+      'crd': (lambda p, r, x: train.crd_logits(nets, p, r, x), (recs, x)),
+  }
+  report = {}
+  for name, (fn, args) in parts.items():
+    report[name] = {
+        'params': int(sum(np.prod(a.shape) for a in
+                          jax.tree.leaves(params[name]))),
+        'gflop_per_image': count_flops(fn, params, *args).total / 1e9}
+  return report

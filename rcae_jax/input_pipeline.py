@@ -10,6 +10,11 @@ quarter of the bytes of float32) and are scaled to [0, 1] on the device.
 Test batches: {'image', 'mask' (uint8 {0,1} [B, S, S]), 'label', 'valid'};
 the last batch is padded and 'valid' marks the real examples.
 
+Training augmentation (`data.augment`, off by default): flips and 90-degree
+rotations applied on the host in numpy by `augment_batch`, the same function
+in both loaders, drawn from (seed, step, position in the global batch), so
+both loaders, any process count and resumed runs see the same transforms.
+
 TensorFlow is imported only inside the tf.data loader, so everything else
 runs where TensorFlow is not installed.
 """
@@ -97,16 +102,86 @@ def padded_test_order(num_examples: int, batch_size: int) -> np.ndarray:
   return order
 
 
+AUGMENT_OPS = ('hflip', 'vflip', 'rot90')
+
+
+def parse_augment(spec) -> tuple[str, ...]:
+  """`data.augment` ('' or comma-separated AUGMENT_OPS, or a sequence of
+  them) to a tuple of op names in canonical order; ValueError on others."""
+  if isinstance(spec, str):
+    names = [n.strip() for n in spec.split(',')]
+  else:
+    names = [str(n).strip() for n in (spec or ())]
+  names = [n for n in names if n]
+  unknown = sorted(set(names) - set(AUGMENT_OPS))
+  if unknown:
+    raise ValueError(f'data.augment: unknown op(s) {unknown} in {spec!r}; '
+                     f"use '' or a comma-separated subset of "
+                     f"{', '.join(AUGMENT_OPS)}")
+  return tuple(op for op in AUGMENT_OPS if op in names)
+
+
+def augment_batch(images: np.ndarray, step: int, seed: int, ops,
+                  process_index: int = 0, process_count: int = 1
+                  ) -> np.ndarray:
+  """This host's share of training batch `step`, augmented.
+
+  images: uint8 [B_local, H, W, C], this host's slice (`host_slice`) of the
+  global batch. The choices are drawn for the whole global batch from
+  (seed, step) and sliced like the images, so example j of the global
+  batch gets the same transform whatever the process count, loader or
+  resume point. All three choices are always drawn, so enabling one op
+  never changes another's draws. Per example, in this order: horizontal
+  flip (p=1/2), vertical flip (p=1/2), rotation by k*90 degrees
+  (k uniform in 0..3; square images only). Pure: the input is not changed.
+  """
+  ops = parse_augment(ops)
+  if not ops:
+    return images
+  local = len(images)
+  total = local * process_count
+  rng = np.random.default_rng([seed, 11, step])
+  hflip = rng.integers(0, 2, total).astype(bool)
+  vflip = rng.integers(0, 2, total).astype(bool)
+  rot = rng.integers(0, 4, total)
+  part = slice(process_index * local, (process_index + 1) * local)
+  hflip, vflip, rot = hflip[part], vflip[part], rot[part]
+  if 'rot90' in ops and images.shape[1] != images.shape[2]:
+    raise ValueError(f'data.augment rot90 needs square images, got '
+                     f'{images.shape[1]}x{images.shape[2]}')
+  # Each pixel's channels as one opaque item: the strided copies below then
+  # move whole pixels, about 2x faster than 3-byte inner loops (measured:
+  # 16 x 1024^2 x 3 uint8, 180 -> 390 images/s for rot90 on 1 core).
+  images = np.ascontiguousarray(images)
+  pixel = np.dtype((np.void, images.shape[-1] * images.itemsize))
+  src = images.view(pixel)[..., 0]  # [B, H, W]
+  out = np.empty_like(images)
+  dst = out.view(pixel)[..., 0]
+  for j in range(local):
+    img = src[j]  # Views until the one copy into dst.
+    if 'hflip' in ops and hflip[j]:
+      img = img[:, ::-1]
+    if 'vflip' in ops and vflip[j]:
+      img = img[::-1]
+    if 'rot90' in ops and rot[j]:
+      img = np.rot90(img, int(rot[j]))
+    dst[j] = img
+  return out
+
+
 class Loader:
-  """Shared interface; subclasses implement `_train_images` and `_tests`."""
+  """Shared interface; subclasses implement `train_batches` and
+  `test_batches`. `augment`: training augmentation ops (`parse_augment`)."""
 
   name = 'base'
 
   def __init__(self, files: folder.CategoryFiles, image_size: int,
-               num_workers: int = 4, val: tuple[str, ...] = ()):
+               num_workers: int = 4, val: tuple[str, ...] = (),
+               augment=''):
     self.files = files
     self.image_size = image_size
     self.num_workers = num_workers
+    self.augment = parse_augment(augment)  # Fails at construction.
     # Evaluation splits: 'test' and the held-out good training images
     # ('val', for thresholds), served through the same code path.
     self.examples = {
@@ -158,8 +233,8 @@ class MemoryLoader(Loader):
 
   name = 'memory'
 
-  def __init__(self, files, image_size, num_workers=4, val=()):
-    super().__init__(files, image_size, num_workers, val)
+  def __init__(self, files, image_size, num_workers=4, val=(), augment=''):
+    super().__init__(files, image_size, num_workers, val, augment)
     self._train = None
     self._eval = {}
 
@@ -190,7 +265,8 @@ class MemoryLoader(Loader):
     while True:
       idx = host_slice(batch_indices(step, batch_size, self.num_train, seed),
                        process_index, process_count)
-      yield {'image': images[idx]}
+      yield {'image': augment_batch(images[idx], step, seed, self.augment,
+                                    process_index, process_count)}
       step += 1
 
   def test_batches(self, batch_size, split='test'):
@@ -228,8 +304,8 @@ class TFDataLoader(Loader):
 
   name = 'tfdata'
 
-  def __init__(self, files, image_size, num_workers=4, val=()):
-    super().__init__(files, image_size, num_workers, val)
+  def __init__(self, files, image_size, num_workers=4, val=(), augment=''):
+    super().__init__(files, image_size, num_workers, val, augment)
     self.tf = import_tensorflow()
 
   def _decode_map(self, paths):
@@ -266,7 +342,20 @@ class TFDataLoader(Loader):
                           num_parallel_calls=tf.data.AUTOTUNE,
                           deterministic=True)
     ds = ds.batch(local, drop_remainder=True).map(lambda x: {'image': x})
-    return self._numpy(ds.prefetch(tf.data.AUTOTUNE))
+    batches = self._numpy(ds.prefetch(tf.data.AUTOTUNE))
+    if not self.augment:
+      return batches
+    return self._augmented(batches, seed, start_step, process_index,
+                           process_count)
+
+  def _augmented(self, batches, seed, start_step, process_index,
+                 process_count):
+    # The pipeline is ordered (deterministic=True): the k-th batch out is
+    # step start_step + k, augmented exactly as the in-memory loader does.
+    for step, batch in enumerate(batches, start_step):
+      batch['image'] = augment_batch(batch['image'], step, seed, self.augment,
+                                     process_index, process_count)
+      yield batch
 
   def test_batches(self, batch_size, split='test'):
     tf = self.tf
@@ -306,13 +395,17 @@ def make_loader(data_cfg, files: folder.CategoryFiles, val=()) -> Loader:
   """Picks the loader named by `data_cfg.loader` ('auto' prefers tf.data).
   `val`: held-out good training images (see split_validation)."""
   choice = data_cfg.loader
+  augment = data_cfg.get('augment', '')
+  parse_augment(augment)  # Before TensorFlow is imported.
   if choice == 'auto':
     choice = 'tfdata' if tensorflow_available() else 'memory'
     logging.info('data.loader=auto: using the %s loader%s', choice,
                  '' if choice == 'tfdata' else ' (TensorFlow not importable)')
   if choice == 'tfdata':
-    return TFDataLoader(files, data_cfg.image_size, data_cfg.num_workers, val)
+    return TFDataLoader(files, data_cfg.image_size, data_cfg.num_workers, val,
+                        augment)
   if choice == 'memory':
-    return MemoryLoader(files, data_cfg.image_size, data_cfg.num_workers, val)
+    return MemoryLoader(files, data_cfg.image_size, data_cfg.num_workers, val,
+                        augment)
   raise ValueError(f"data.loader must be 'auto', 'tfdata' or 'memory', got "
                    f'{choice!r}')

@@ -24,6 +24,14 @@ config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).',
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietOrbax:
+  """Drops Orbax's INFO chatter (a dozen lines per checkpoint); its
+  warnings and errors still show."""
+
+  def filter(self, record):
+    return record.levelno >= 30 or '/orbax/' not in record.pathname
+
+
 def initialize_distributed() -> None:
   """Multi-host runs (launch/): RCAE_JAX_COORDINATOR/_NUM_PROCESSES/
   _PROCESS_ID for GPU clusters; RCAE_JAX_DISTRIBUTED=1 on Cloud TPU, where
@@ -41,6 +49,7 @@ def initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietOrbax())
   initialize_distributed()
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
