@@ -11,6 +11,7 @@ import numpy as np
 
 from rcae_jax import evaluate
 from rcae_jax import fileio
+from rcae_jax import flops
 from rcae_jax import input_pipeline
 from rcae_jax import train
 from rcae_jax import validate
@@ -52,10 +53,24 @@ def run(config, workdir: str) -> dict:
     params = train.train_and_checkpoint(config, workdir, loader)
   else:
     params = train.load_params(config, workdir)
+  log_model_cost(config, params, workdir)
   writer = writers.create_writer(workdir, jax.process_index() == 0)
   report = evaluate.evaluate(params, loader, config, workdir, writer=writer)
   writer.close()
   return report
+
+
+def log_model_cost(config, params, workdir: str) -> None:
+  """Parameters and analytic FLOPs per component, to the log and to
+  <workdir>/model_report.json (XLA's cost analysis undercounts convs)."""
+  report = flops.model_report(config, params)
+  for name, r in report.items():
+    logging.info('%s: %s parameters, %.3f GFLOP per %d px image', name,
+                 f"{r['params']:,}", r['gflop_per_image'],
+                 config.data.image_size)
+  if jax.process_index() == 0:
+    fileio.write_json_atomic(os.path.join(workdir, 'model_report.json'),
+                             report)
 
 
 def run_categories(config, workdir: str) -> dict:
