@@ -115,7 +115,7 @@ def _with(config, *, dtype: str, image_size: int):
 def random_params(config, seed: int = 0) -> dict:
   """float32 parameters with `train.init_params`'s tree and shapes (from
   `jax.eval_shape`, nothing compiled), drawn on the host: kernels
-  N(0, 1/fan_in), biases zero. Compiling `init_params` itself costs more
+  N(0, 1/fan_in), biases zero, norm scales one. Compiling `init_params` itself costs more
   than a small benchmark on CPU (tens of seconds with threefry), and speed
   does not depend on the values. Unlike a fresh `init_params`, the
   zero-initialised heads are random too, so every path is live."""
@@ -127,14 +127,16 @@ def random_params(config, seed: int = 0) -> dict:
                           jax.random.PRNGKey(0))
   rng = np.random.default_rng(seed)
 
-  def draw(leaf):
+  def draw(path, leaf):
+    if path[-1].key == 'scale':  # GroupNorm scales: the identity.
+      return np.ones(leaf.shape, np.float32)
     if len(leaf.shape) < 2:  # Biases.
       return np.zeros(leaf.shape, np.float32)
     fan_in = int(np.prod(leaf.shape[:-1]))
     return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(
         np.float32)
 
-  return jax.device_put(jax.tree.map(draw, shapes))
+  return jax.device_put(jax.tree_util.tree_map_with_path(draw, shapes))
 
 
 def load_or_init_params(config, bench) -> tuple[dict, str]:

@@ -4,13 +4,20 @@ Each checkpoint holds `state` (TrainState: params of every component and
 the optimizer state of the stage being trained) and `progress` ({stage,
 stage_step, global_step}). The progress item is read first because the
 optimizer state's shape depends on the stage. Orbax's commit protocol
-(write to a temporary folder, rename when complete) means a checkpoint
-interrupted mid-write is never listed as the latest.
+(write to `<step>.orbax-checkpoint-tmp`, rename to `<step>` when complete)
+means a checkpoint interrupted mid-write (a crash, SIGKILL, a full disk) is
+never listed as the latest: the previous complete one is restored, and the
+leftover folder is deleted when the next run opens the folder for writing
+(tests/test_reliability.py).
+
+Other files in the folder (train.py's model_config.json and
+TRAINING_COMPLETE) are not step names, so Orbax ignores them.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable, Optional
 
 import orbax.checkpoint as ocp
@@ -20,11 +27,15 @@ class Checkpointer:
   """A thin CheckpointManager wrapper: save, wait, restore the latest."""
 
   def __init__(self, directory: str, keep: int, read_only: bool = False):
-    self.directory = directory
+    # Orbax's OCDBT writer refuses relative paths (`--workdir workdirs/x`).
+    self.directory = os.path.abspath(directory)
     self._mngr = ocp.CheckpointManager(
-        directory,
+        self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, read_only=read_only),
+            max_to_keep=keep, create=not read_only, read_only=read_only,
+            # Leftovers of interrupted writes would pile up otherwise (a
+            # reader must not delete them: a writer may be at work).
+            cleanup_tmp_directories=not read_only),
         item_names=('state', 'progress'))
 
   def save(self, step: int, state: Any, progress: dict) -> None:

@@ -8,7 +8,19 @@ computed for the others.
 
 Every step is a pure function of (state, batch, rng); the batch order and
 the rng are pure functions of (seed, stage, step), so a resumed run sees the
-same data and randomness as an uninterrupted one.
+same data and randomness as an uninterrupted one (bit-identical on CPU,
+tests/test_reliability.py).
+
+Reliability (preemptible machines, long runs):
+- SIGTERM: the step in flight finishes, a checkpoint is written at it, and
+  the process exits with code 143 (`Preempted`); rerunning the same command
+  resumes there. Checkpoints are also written every `checkpoint_every` steps
+  and every `checkpoint_minutes` minutes.
+- A non-finite loss or gradient never reaches the parameters (the jitted
+  step keeps the old ones); the run stops with FloatingPointError before
+  the next checkpoint, or skips such batches with `skip_nonfinite`.
+- Resuming with a config that changes the model is refused, naming the
+  fields; `training_complete(workdir)` tells whether all stages finished.
 """
 
 from __future__ import annotations
@@ -18,11 +30,14 @@ import functools
 import json
 import logging
 import os
+import signal
+import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -30,9 +45,11 @@ import optax
 
 from rcae_jax import anomalies
 from rcae_jax import checkpoints
+from rcae_jax import fileio
 from rcae_jax import input_pipeline
 from rcae_jax import losses
 from rcae_jax import models
+from rcae_jax import validate
 from rcae_jax import writers
 
 STAGES = ('rcae', 'dpn', 'crd')  # Component trained by stage 1, 2, 3.
@@ -189,8 +206,50 @@ def stage3_step(state, batch, rng, *, nets, tx, use_dpn, anomaly_cfg):
                  'anomalous_fraction': jnp.mean(mask)}
 
 
+# Per-step health, carried from step to step on the device so that the host
+# only looks at it when it logs or saves (no sync per step).
+HEALTH_KEYS = ('nonfinite_steps', 'first_nonfinite_step')
+
+
+def healthy() -> dict:
+  return {'nonfinite_steps': jnp.zeros((), jnp.int32),
+          'first_nonfinite_step': jnp.zeros((), jnp.int32)}
+
+
+def guard_nonfinite(step_fn, component: str):
+  """Wraps a stage step: a step whose loss or gradient is not finite leaves
+  the parameters and optimizer state as they were (one NaN would otherwise
+  poison every later step and checkpoint) and is counted in the health
+  metrics, together with the first such step (1-based, as checkpoints).
+  All on the device: a per-step host check would stall the pipeline."""
+
+  def guarded(state, batch, rng, health, **kwargs):
+    new, metrics = step_fn(state, batch, rng, **kwargs)
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(
+        metrics['grad_norm'])
+    keep = lambda n, o: jnp.where(finite, n, o)
+    params = dict(new.params, **{component: jax.tree.map(
+        keep, new.params[component], state.params[component])})
+    new = new.replace(params=params, opt_state=jax.tree.map(
+        keep, new.opt_state, state.opt_state))
+    first_bad = (~finite) & (health['nonfinite_steps'] == 0)
+    metrics = dict(
+        metrics, finite=finite,
+        param_norm=optax.global_norm(params[component]),
+        nonfinite_steps=health['nonfinite_steps'] + (~finite).astype(
+            jnp.int32),
+        first_nonfinite_step=jnp.where(first_bad, state.step + 1,
+                                       health['first_nonfinite_step']))
+    return new, metrics
+
+  return guarded
+
+
 def make_step(config, stage: int, nets: Networks) -> tuple[Callable, Any]:
-  """The jitted train step of `stage` (1, 2, 3) and its optimizer."""
+  """The jitted train step of `stage` (1, 2, 3) and its optimizer.
+
+  Called as step_fn(state, batch, rng, step, health=None); `health` is the
+  previous step's metrics' HEALTH_KEYS (None: a fresh count)."""
   stage_cfg = config.train[f'stage{stage}']
   tx = make_optimizer(stage_cfg)
   if stage == 1:
@@ -202,13 +261,20 @@ def make_step(config, stage: int, nets: Networks) -> tuple[Callable, Any]:
     fn = functools.partial(stage3_step, nets=nets, tx=tx,
                            use_dpn=uses_dpn(config),
                            anomaly_cfg=config.anomalies)
+  fn = guard_nonfinite(fn, STAGES[stage - 1])
   if stage == 1:
     jitted = jax.jit(fn, static_argnames='depth', donate_argnums=0)
-    return (lambda state, batch, rng, step: jitted(
-        state, batch, rng,
-        depth=stage1_depth(config.seed, step, config.model.depth))), tx
-  jitted = jax.jit(fn, donate_argnums=0)
-  return (lambda state, batch, rng, step: jitted(state, batch, rng)), tx
+    static = lambda step: {'depth': stage1_depth(config.seed, step,
+                                                 config.model.depth)}
+  else:
+    jitted = jax.jit(fn, donate_argnums=0)
+    static = lambda step: {}
+
+  def step_fn(state, batch, rng, step, health=None):
+    return jitted(state, batch, rng, healthy() if health is None else health,
+                  **static(step))
+
+  return step_fn, tx
 
 
 def uses_dpn(config) -> bool:
@@ -227,16 +293,194 @@ def step_rng(seed: int, stage: int, step: int) -> jax.Array:
 # -------------------------------------------------------------- the loop
 
 
+class Preempted(SystemExit):
+  """Raised once the checkpoint of a run stopped by SIGTERM is written.
+
+  A SystemExit, so `python -m rcae_jax.main` ends without a traceback and
+  with code 143 (128 + SIGTERM, what schedulers report for a terminated
+  job): a wrapper can tell "stopped, rerun to resume" from a crash (1)."""
+
+  EXIT_CODE = 143
+
+  def __init__(self, message: str):
+    super().__init__(self.EXIT_CODE)
+    self.message = message
+
+  def __str__(self):
+    return self.message
+
+
+class StopRequest:
+  """SIGTERM turns into a flag that the loop reads after each step.
+
+  The handler only sets the flag: saving from inside it could interleave
+  with a half-dispatched step or a checkpoint write. It is installed while
+  training runs and the previous handler is put back afterwards, so a
+  SIGTERM during evaluation ends the process the ordinary way. Multi-process
+  runs use JAX's preemption sync point instead (its service catches SIGTERM
+  on any process), because every process must save at the same step."""
+
+  def __init__(self):
+    self.signalled = False
+    self._installed = False
+    self._previous = None
+
+  def __enter__(self):
+    # signal.signal works in the main thread only (not in e.g. a notebook
+    # worker thread): there the run is simply not preemption-safe.
+    if (jax.process_count() == 1 and
+        threading.current_thread() is threading.main_thread()):
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._installed = True
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.signalled = True
+
+  def __exit__(self, *exc):
+    if self._installed:
+      # None: the previous handler was not set from Python; default it.
+      signal.signal(signal.SIGTERM, self._previous
+                    if self._previous is not None else signal.SIG_DFL)
+      self._installed = False
+
+  def requested(self, global_step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(global_step)
+    return self.signalled
+
+
+class SaveTimer:
+  """`checkpoint_minutes` (0: off) bounds the work a kill without warning
+  loses, whatever the step time. With several processes only process 0's
+  clock counts, read at log points (one broadcast there), so that all of
+  them save at the same step."""
+
+  def __init__(self, minutes: float):
+    self.period = 60.0 * minutes
+    self.reset()
+
+  def reset(self) -> None:
+    self._last = time.monotonic()
+
+  def due(self, at_log_point: bool) -> bool:
+    if self.period <= 0:
+      return False
+    expired = time.monotonic() - self._last >= self.period
+    if jax.process_count() == 1:
+      return expired
+    if not at_log_point:
+      return False
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(expired)))
+
+
+# Files next to the Orbax step folders (Orbax ignores non-step names).
+MODEL_CONFIG = 'model_config.json'
+COMPLETE_MARKER = 'TRAINING_COMPLETE'
+# Model fields that change speed only, never what the parameters mean.
+RESUME_SAFE_FIELDS = ('model.scan_unroll',)
+
+
+def model_signature(config) -> dict:
+  """The config fields a checkpoint's parameters depend on, dotted, in
+  their JSON form (tuples become lists) so that they compare with the
+  saved copy."""
+  sig = {f'model.{k}': v for k, v in config.model.to_dict().items()}
+  sig['data.image_size'] = config.data.image_size
+  return json.loads(json.dumps(sig, default=str))
+
+
+def check_resume_compatible(config, ckpt_dir: str) -> None:
+  """Refuses checkpoints of another model with one clear message
+  (Orbax's own shape error does not say which field changed, and a change
+  such as model.recursion keeps every shape). Other fields (steps, learning
+  rates, logging, checkpointing, eval.*) may change on resume.
+
+  Fields absent from the saved copy (added to the code since) pass."""
+  path = os.path.join(ckpt_dir, MODEL_CONFIG)
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    saved = json.load(f)
+  current = model_signature(config)
+  diffs = [f'{k}: {saved[k]!r} -> {current.get(k, "<unset>")!r}'
+           for k in sorted(saved)
+           if k not in RESUME_SAFE_FIELDS and current.get(k, '<unset>') !=
+           saved[k]]
+  if diffs:
+    raise validate.ConfigError(
+        f'the checkpoints in {ckpt_dir} are of a different model than the '
+        f'config ({"; ".join(diffs)}). Use a new --workdir, or set these '
+        'fields back (steps, learning rates, logging, checkpointing and '
+        'eval settings may change on resume).')
+
+
+def record_model_config(config, ckpt_dir: str) -> None:
+  """Saves the model fields that this workdir's checkpoints are made of.
+
+  Called only once a checkpoint restored (or none exists): a file written
+  from a mismatching config would make the right config be refused."""
+  if jax.process_index() == 0:
+    fileio.write_json_atomic(os.path.join(ckpt_dir, MODEL_CONFIG),
+                             model_signature(config))
+
+
+def training_complete(workdir: str) -> bool:
+  """True once every stage has run all its steps (the marker is removed
+  when a rerun with more steps trains again)."""
+  return os.path.exists(os.path.join(workdir, 'checkpoints',
+                                     COMPLETE_MARKER))
+
+
+def set_complete(ckpt_dir: str, progress: Optional[dict]) -> None:
+  """Writes the completion marker (`progress`) or removes it (None)."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(ckpt_dir, COMPLETE_MARKER)
+  if progress is not None:
+    fileio.write_json_atomic(path, progress)
+  elif os.path.exists(path):
+    os.remove(path)
+
+
+def initial_params(nets: Networks, config) -> dict:
+  """`init_params`, compiled without XLA:CPU's optimisations: it runs once,
+  and the ~100 threefry initialisers took ~30 s to optimise on CPU
+  (measured: smoke config, 2 cores) against ~5 s unoptimised. Values match
+  the optimised build to float rounding (~1e-7)."""
+  rng = jax.random.PRNGKey(config.seed)
+  lowered = jax.jit(functools.partial(
+      init_params, nets, image_size=config.data.image_size)).lower(rng)
+  options = ({'xla_backend_optimization_level': 0}
+             if jax.default_backend() == 'cpu' else None)
+  return lowered.compile(compiler_options=options)(rng)
+
+
 def train_and_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                          loader: input_pipeline.Loader) -> dict:
-  """Runs (or resumes) all stages; returns the final parameters."""
-  nets = build_networks(config.model)
-  writer = writers.create_writer(workdir, jax.process_index() == 0)
+  """Runs (or resumes) all stages; returns the final parameters.
+
+  Raises Preempted (exit code 143) after saving when SIGTERM arrives,
+  FloatingPointError on a non-finite step (unless skip_nonfinite) without
+  saving past it, and ConfigError when the workdir holds another model's
+  checkpoints."""
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                   config.train.keep_checkpoints)
-  params = jax.jit(functools.partial(init_params, nets,
-                                     image_size=config.data.image_size))(
-                                         jax.random.PRNGKey(config.seed))
+  writer = writers.create_writer(workdir, jax.process_index() == 0)
+  try:
+    if ckpt.latest_step() is not None:  # Something to resume: same model?
+      check_resume_compatible(config, ckpt.directory)  # Before compiling.
+    with StopRequest() as stop:
+      return train_stages(config, loader, writer, ckpt, stop)
+  finally:
+    ckpt.close()  # Waits for the last write, also when stopping on errors.
+    writer.flush()
+
+
+def train_stages(config, loader, writer, ckpt, stop: StopRequest) -> dict:
+  nets = build_networks(config.model)
+  params = initial_params(nets, config)
   log_param_counts(params)
   progress = {'stage': 1, 'stage_step': 0, 'global_step': 0}
   restored = ckpt.restore_latest(
@@ -247,6 +491,7 @@ def train_and_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     logging.info('Resuming from checkpoint at stage %d step %d (global %d)',
                  progress['stage'], progress['stage_step'],
                  progress['global_step'])
+  record_model_config(config, ckpt.directory)
   for stage in (1, 2, 3):
     steps = config.train[f'stage{stage}'].steps
     if stage < progress['stage'] or steps <= 0:
@@ -260,10 +505,11 @@ def train_and_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       params = state.params
       continue
     state, progress = run_stage(config, stage, nets, state, start, progress,
-                                loader, writer, ckpt)
+                                loader, writer, ckpt, stop)
     params = state.params
-  ckpt.close()
-  writer.flush()
+  set_complete(ckpt.directory, progress)
+  if stop.signalled:  # Arrived after the last step's check: all is saved.
+    stop_preempted(ckpt, progress)
   return params
 
 
@@ -279,47 +525,104 @@ def abstract_state(params, stage: int, config) -> TrainState:
 
 
 def run_stage(config, stage, nets, state, start, progress, loader, writer,
-              ckpt):
-  stage_cfg = config.train[f'stage{stage}']
-  steps = stage_cfg.steps
+              ckpt, stop=None):
+  """Steps `start`..steps of one stage; returns (state, progress)."""
+  stop = stop or StopRequest()
+  steps = config.train[f'stage{stage}'].steps
   step_fn, _ = make_step(config, stage, nets)
   batches = loader.train_batches(config.train.batch_size,
                                  seed=config.seed * 1000 + stage,
                                  start_step=start,
                                  process_index=jax.process_index(),
                                  process_count=jax.process_count())
-  name = STAGES[stage - 1]
-  logging.info('Stage %d (%s): steps %d..%d', stage, name, start, steps)
+  logging.info('Stage %d (%s): steps %d..%d', stage, STAGES[stage - 1],
+               start, steps)
+  set_complete(ckpt.directory, None)  # Training again: not complete.
   report = writers.progress_reporter(steps, writer,
                                      every_steps=config.train.log_every,
                                      prefix=f'stage{stage}/')
+  timer = SaveTimer(config.train.get('checkpoint_minutes', 10))
+  # Test / debugging knob: sleeps after each step so that tests can kill a
+  # run mid-stage. Not for real runs.
+  delay = config.train.get('step_delay_s', 0.0)
   global_step = progress['global_step']
+  health = healthy()
   t0 = time.time()
-  metrics = None
   for step in range(start, steps):
-    batch = next(batches)
-    state, metrics = step_fn(state, batch, step_rng(config.seed, stage, step),
-                             step)
+    state, metrics = step_fn(state, next(batches),
+                             step_rng(config.seed, stage, step), step, health)
+    health = {k: metrics[k] for k in HEALTH_KEYS}
     global_step += 1
     done = step + 1
     report(done)
-    if done % config.train.log_every == 0 or done == steps:
-      scalars = {f'stage{stage}/{k}': v for k, v in
-                 jax.device_get(metrics).items()}
-      loss = float(scalars[f'stage{stage}/loss'])
-      if not np.isfinite(loss):
-        raise FloatingPointError(
-            f'non-finite loss {loss} in stage {stage} ({name}) at step '
-            f'{done}; the last good checkpoint is kept in '
-            f'{ckpt.directory}')
-      writer.write_scalars(global_step, scalars)
-    if done % config.train.checkpoint_every == 0 or done == steps:
+    if delay:
+      time.sleep(delay)
+    log_now = done % config.train.log_every == 0 or done == steps
+    preempt = stop.requested(global_step)
+    save_now = (done % config.train.checkpoint_every == 0 or done == steps or
+                preempt or timer.due(log_now))
+    if log_now or save_now:  # The only host syncs: never one per step.
+      health = check_health(health, config, stage, done, ckpt)
+    if log_now:
+      write_step_scalars(writer, stage, global_step, metrics)
+    if save_now:
       progress = {'stage': stage, 'stage_step': done,
                   'global_step': global_step}
       ckpt.save(global_step, state, progress)
+      timer.reset()
+    if preempt:
+      stop_preempted(ckpt, progress)
   logging.info('Stage %d done in %.1f s', stage, time.time() - t0)
   ckpt.wait()
   return state, progress
+
+
+def check_health(health, config, stage: int, done: int, ckpt) -> dict:
+  """Reads the non-finite count of the steps since the last check.
+
+  Default: raises FloatingPointError, before anything past the bad step is
+  saved, so the latest checkpoint is the last good state. With
+  `config.train.skip_nonfinite`: those batches were skipped (the step kept
+  the parameters), so warn and go on. Returns the count to carry on with."""
+  h = jax.device_get(health)
+  bad = int(h['nonfinite_steps'])
+  if not bad:
+    return health
+  first = int(h['first_nonfinite_step'])
+  name = STAGES[stage - 1]
+  if not config.train.get('skip_nonfinite', False):
+    ckpt.wait()
+    raise FloatingPointError(
+        f'non-finite loss or gradient in stage {stage} ({name}) at step '
+        f'{first} ({bad} such step(s) up to step {done}). Nothing after it '
+        f'was saved: the latest checkpoint, {ckpt.directory}/'
+        f'{ckpt.latest_step()}, is from before it. A rerun resumes there and '
+        'meets the same batches; config.train.skip_nonfinite=True skips '
+        'such batches, a lower learning rate may avoid them.')
+  logging.warning('Stage %d (%s): skipped %d batch(es) with a non-finite '
+                  'loss or gradient (first at step %d, up to step %d); the '
+                  'parameters were left unchanged by them.', stage, name,
+                  bad, first, done)
+  return healthy()
+
+
+def write_step_scalars(writer, stage: int, global_step: int, metrics) -> None:
+  values = jax.device_get({k: v for k, v in metrics.items()
+                           if k not in HEALTH_KEYS + ('finite',)})
+  # A skipped step's NaN would break the logs' plots and JSON readers.
+  writer.write_scalars(global_step, {f'stage{stage}/{k}': v for k, v in
+                                     values.items() if np.isfinite(v)})
+
+
+def stop_preempted(ckpt, progress: dict) -> None:
+  ckpt.wait()  # The checkpoint must be complete before the process ends.
+  message = (f'Preempted (SIGTERM): saved a checkpoint at stage '
+             f'{progress["stage"]} step {progress["stage_step"]} (global '
+             f'step {progress["global_step"]}) in {ckpt.directory}; rerun '
+             'the same command to resume. Exiting with code '
+             f'{Preempted.EXIT_CODE}.')
+  logging.warning(message)
+  raise Preempted(message)
 
 
 def count_params(tree) -> int:
@@ -335,6 +638,7 @@ def log_param_counts(params) -> dict[str, int]:
 
 def load_params(config, workdir: str) -> dict:
   """The latest checkpoint's parameters (for evaluation / prediction)."""
+  check_resume_compatible(config, os.path.join(workdir, 'checkpoints'))
   nets = build_networks(config.model)
   params = jax.eval_shape(functools.partial(
       init_params, nets, image_size=config.data.image_size),
@@ -357,8 +661,4 @@ def save_config(config, workdir: str, files) -> None:
   resolved['resolved_data'] = {'root': files.root, 'category': files.category,
                                'num_train': len(files.train),
                                'num_test': len(files.test)}
-  path = os.path.join(workdir, 'config.json')
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(resolved, f, indent=2, default=str)
-  os.replace(tmp, path)
+  fileio.write_json_atomic(os.path.join(workdir, 'config.json'), resolved)

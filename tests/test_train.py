@@ -120,3 +120,32 @@ def test_resume_mid_stage_matches_straight_run(make_config, tmp_path):
   run_lib.run(first, str(tmp_path / 'b'))
   b = run_lib.run(straight, str(tmp_path / 'b'))
   assert a == b
+
+
+def test_multi_category_run_skips_finished_and_writes_mean(make_config,
+                                                           tmp_path):
+  from rcae_jax.datasets import synthetic  # pylint: disable=g-import-not-at-top
+  config = make_config(**{'train.stage1.steps': 2, 'train.stage2.steps': 0,
+                          'train.stage3.steps': 0,
+                          'eval.scoring': 'recursion',
+                          'eval.export_maps': False,
+                          'eval.pictures_per_type': 0})
+  # Two categories: the built-in one generated twice with different seeds.
+  root = tmp_path / 'data'
+  for name, seed in (('a', 1), ('b', 2)):
+    src = synthetic.ensure(str(tmp_path / f'cache{seed}'), seed=seed, size=32,
+                           n_train=6, n_test_good=2, n_per_defect=1)
+    os.makedirs(root, exist_ok=True)
+    os.rename(os.path.join(src, synthetic.CATEGORY), root / name)
+  config.data.root = str(root)
+  config.data.categories = ('a', 'b')
+  workdir = tmp_path / 'wd'
+  report = run_lib.run(config, str(workdir))
+  assert set(report) == {'a', 'b', 'mean'}
+  mean = (report['a']['pixel_auroc'] + report['b']['pixel_auroc']) / 2
+  assert abs(report['mean']['pixel_auroc'] - mean) < 1e-12
+  assert '| mean |' in (workdir / 'results.md').read_text()
+  # Rerun: both categories are skipped (their metrics.json are reused).
+  stamp = os.path.getmtime(workdir / 'a' / 'metrics.json')
+  assert run_lib.run(config, str(workdir)) == report
+  assert os.path.getmtime(workdir / 'a' / 'metrics.json') == stamp

@@ -1,0 +1,351 @@
+"""Preemption safety: kills, SIGTERM, torn checkpoints, changed configs, NaNs.
+
+The resume test runs `python -m rcae_jax.main` in subprocesses, as a user or
+a scheduler would, and demands bit-identical parameters and metrics on CPU
+against an uninterrupted run started alongside it.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rcae_jax import checkpoints
+from rcae_jax import run as run_lib
+from rcae_jax import train
+from rcae_jax import validate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 8  # Stage 1 only: the smallest run that evaluates.
+OVERRIDES = {'train.stage1.steps': STEPS, 'train.stage2.steps': 0,
+             'train.stage3.steps': 0, 'eval.scoring': 'recursion',
+             'train.checkpoint_every': 1, 'eval.export_maps': False,
+             'eval.pictures_per_type': 0}
+
+# configs/smoke.py plus the test-only knob (not in the config files, and
+# --config.X overrides need an existing field).
+CONFIG_FILE = '''
+import sys
+sys.path.insert(0, {configs!r})
+import smoke
+
+
+def get_config():
+  config = smoke.get_config()
+  config.train.step_delay_s = 0.0
+  return config
+'''
+
+
+def subprocess_config(**extra):
+  """The subprocess runs' config, as train.load_params needs it here."""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  overrides = dict(OVERRIDES, **extra)
+  return tiny_config(**{k: v for k, v in overrides.items()
+                        if k != 'train.step_delay_s'})
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  """Subprocess environment: one CPU device (not the tests' 8 fake ones),
+  the data cache, and a compilation cache shared by the runs (the same
+  programs load instead of compiling again: ~10 s per run on 2 cores)."""
+  root = tmp_path_factory.mktemp('reliability')
+  config_file = root / 'config.py'
+  config_file.write_text(CONFIG_FILE.format(
+      configs=os.path.join(REPO, 'configs')))
+  e = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu',
+           JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'),
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  e.pop('XLA_FLAGS', None)
+  return {'env': e, 'config': str(config_file), 'root': root}
+
+
+def start(env, workdir, delay=0.0):
+  args = [sys.executable, '-m', 'rcae_jax.main', '--config', env['config'],
+          '--workdir', str(workdir), f'--config.train.step_delay_s={delay}']
+  args += [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
+  log = open(f'{workdir}.log', 'w', encoding='utf-8')
+  return subprocess.Popen(args, env=env['env'], stdout=log,
+                          stderr=subprocess.STDOUT)
+
+
+def log_of(workdir) -> str:
+  with open(f'{workdir}.log', encoding='utf-8') as f:
+    return f.read()
+
+
+def finish(proc, workdir, expect=0, timeout=300):
+  rc = proc.wait(timeout=timeout)
+  assert rc == expect, log_of(workdir)[-3000:]
+
+
+def saved_steps(workdir) -> list[int]:
+  """Complete checkpoints only: Orbax renames a step folder into place
+  when its write is done."""
+  try:
+    names = os.listdir(os.path.join(workdir, 'checkpoints'))
+  except FileNotFoundError:
+    return []
+  return sorted(int(n) for n in names if n.isdigit())
+
+
+def wait_for_step(proc, workdir, above: int, timeout=240) -> int:
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    steps = saved_steps(workdir)
+    if steps and steps[-1] > above:
+      return steps[-1]
+    assert proc.poll() is None, log_of(workdir)[-3000:]
+    time.sleep(0.02)
+  raise AssertionError(f'no checkpoint above step {above} in {timeout} s')
+
+
+@pytest.fixture(scope='module')
+def reference(env):
+  """The uninterrupted run, started at once; the interrupted ones run
+  while it evaluates (they mostly sleep between steps)."""
+  workdir = env['root'] / 'straight'
+  proc = start(env, workdir)
+  state = {'done': False}
+
+  def wait():
+    if not state['done']:
+      finish(proc, workdir)
+      state['done'] = True
+    return workdir
+
+  def compiled():
+    """Waits until its training programs are in the shared cache, so that
+    the interrupted runs load them instead of compiling them again."""
+    t0 = time.time()
+    while 'Stage 1 done' not in log_of(workdir):
+      assert proc.poll() is None, log_of(workdir)[-3000:]
+      assert time.time() - t0 < 240, 'the reference run does not train'
+      time.sleep(0.1)
+
+  wait.compiled = compiled
+  yield wait
+  if proc.poll() is None:
+    proc.kill()
+    proc.wait()
+
+
+def assert_same_run(a, b):
+  config = subprocess_config()
+  pa, pb = train.load_params(config, str(a)), train.load_params(config,
+                                                                 str(b))
+  same = jax.tree.map(lambda x, y: np.array_equal(np.asarray(x),
+                                                  np.asarray(y)), pa, pb)
+  assert jax.tree.all(same), 'parameters differ'
+  ma = json.load(open(os.path.join(a, 'metrics.json'), encoding='utf-8'))
+  mb = json.load(open(os.path.join(b, 'metrics.json'), encoding='utf-8'))
+  assert ma == mb
+
+
+def test_sigkill_then_sigterm_then_resume_is_bit_identical(env, reference):
+  workdir = env['root'] / 'interrupted'
+  reference.compiled()
+  # 1. SIGKILL (no warning) once a random-ish early step is saved.
+  target = random.randint(1, 3)
+  proc = start(env, workdir, delay=0.3)
+  killed_after = wait_for_step(proc, workdir, above=target - 1)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not train.training_complete(str(workdir))
+  # 2. Resume; SIGTERM (preemption) once it has saved a later step.
+  proc = start(env, workdir, delay=0.3)
+  wait_for_step(proc, workdir, above=saved_steps(workdir)[-1])
+  proc.send_signal(signal.SIGTERM)
+  finish(proc, workdir, expect=train.Preempted.EXIT_CODE)
+  log = log_of(workdir)
+  assert 'Preempted (SIGTERM): saved a checkpoint at stage 1 step' in log
+  assert 'Traceback' not in log
+  stopped_at = saved_steps(workdir)[-1]
+  assert killed_after < stopped_at <= STEPS, (killed_after, stopped_at)
+  assert not train.training_complete(str(workdir))
+  # 3. Resume to the end: the same numbers as the uninterrupted run.
+  proc = start(env, workdir)
+  finish(proc, workdir)
+  assert f'Resuming from checkpoint at stage 1 step {stopped_at}' in (
+      log_of(workdir))
+  assert train.training_complete(str(workdir))
+  straight = reference()
+  assert train.training_complete(str(straight))
+  assert_same_run(straight, workdir)
+
+
+def test_changed_model_is_refused_harmless_changes_are_not(env, reference,
+                                                           tmp_path):
+  workdir = tmp_path / 'wd'
+  shutil.copytree(reference() / 'checkpoints', workdir / 'checkpoints')
+  ckpt_dir = str(workdir / 'checkpoints')
+  harmless = subprocess_config(**{
+      'train.stage1.steps': 50, 'train.log_every': 7,
+      'train.checkpoint_every': 5, 'train.stage1.learning_rate': 0.1,
+      'eval.smoothing_size': 5, 'eval.batch_size': 3})
+  train.check_resume_compatible(harmless, ckpt_dir)
+  changed = subprocess_config(**{'model.width': 8, 'model.depth': 3})
+  with pytest.raises(validate.ConfigError) as e:
+    train.train_and_checkpoint(changed, str(workdir), loader=None)
+  message = str(e.value)
+  assert 'model.width: 4 -> 8' in message
+  assert 'model.depth: 2 -> 3' in message
+  assert 'train.' not in message
+  with pytest.raises(validate.ConfigError, match='model.width: 4 -> 8'):
+    train.load_params(changed, str(workdir))  # Evaluate mode too.
+
+
+def test_checkpoint_torn_mid_write_is_ignored(env, reference, tmp_path):
+  """A crash during an Orbax write leaves `<step>.orbax-checkpoint-tmp`:
+  never restored, deleted by the next writer, the step saved again."""
+  straight = reference()
+  workdir = tmp_path / 'wd'
+  shutil.copytree(straight / 'checkpoints', workdir / 'checkpoints')
+  last = saved_steps(workdir)[-1]
+  torn = workdir / 'checkpoints' / f'{last + 1}.orbax-checkpoint-tmp'
+  shutil.copytree(workdir / 'checkpoints' / str(last), torn)
+  shutil.rmtree(torn / 'state')  # Half written.
+  config = subprocess_config()
+  params = train.load_params(config, str(workdir))  # Read-only restore.
+  expected = train.load_params(config, str(straight))
+  assert jax.tree.all(jax.tree.map(np.array_equal, params, expected))
+  assert torn.exists()  # A reader never deletes: a writer may be at work.
+
+
+def test_torn_write_is_cleaned_up_and_saved_again(tmp_path):
+  directory = str(tmp_path / 'ckpt')
+  state = {'w': jnp.arange(4.0)}
+  abstract = lambda stage: jax.eval_shape(lambda: state)
+  ckpt = checkpoints.Checkpointer(directory, keep=3)
+  ckpt.save(1, state, {'stage': 1, 'stage_step': 1, 'global_step': 1})
+  ckpt.close()
+  torn = os.path.join(directory, '2.orbax-checkpoint-tmp')
+  shutil.copytree(os.path.join(directory, '1'), torn)
+  os.remove(os.path.join(torn, 'progress', 'metadata'))
+  ckpt = checkpoints.Checkpointer(directory, keep=3)
+  progress, restored = ckpt.restore_latest(abstract)
+  assert progress['global_step'] == 1
+  np.testing.assert_array_equal(restored['w'], state['w'])
+  assert not os.path.exists(torn)
+  ckpt.save(2, {'w': state['w'] + 1}, dict(progress, global_step=2))
+  ckpt.wait()
+  assert ckpt.restore_latest(abstract)[0]['global_step'] == 2
+  ckpt.close()
+
+
+# --------------------------------------------------------- non-finite steps
+
+NAN_CONFIG = {'model.depth': 1,  # One stage-1 program to compile.
+              'train.stage1.steps': 6, 'train.stage2.steps': 0,
+              'train.stage3.steps': 0, 'eval.scoring': 'recursion',
+              # Saved by the clock (every step), checked by the loop.
+              'train.checkpoint_every': 100, 'train.checkpoint_minutes': 1e-9,
+              'train.log_every': 5}
+NAN_STEP = 4  # 1-based, as checkpoints count; batch index 3.
+
+
+class NaNAt:
+  """A loader whose batch number `step` (1-based) holds a NaN pixel. All
+  batches are float32 (train.to_float passes them through), so one program
+  serves the good and the bad batches."""
+
+  def __init__(self, loader, step):
+    self.loader, self.step = loader, step
+
+  def train_batches(self, batch_size, seed, start_step=0, **kwargs):
+    batches = self.loader.train_batches(batch_size, seed, start_step,
+                                        **kwargs)
+    for i, batch in enumerate(batches, start_step + 1):
+      image = batch['image'].astype(np.float32) / 255.0
+      if i == self.step:
+        image[0, 0, 0, 0] = np.nan
+      yield {'image': image}
+
+
+def all_finite(tree) -> bool:
+  return all(bool(np.isfinite(np.asarray(x)).all())
+             for x in jax.tree.leaves(tree))
+
+
+def test_nonfinite_step_stops_without_saving_then_skip_mode_finishes(
+    make_config, tmp_path, caplog):
+  workdir = str(tmp_path / 'wd')
+  config = make_config(**NAN_CONFIG)
+  loader = NaNAt(run_lib.prepare(config, workdir), NAN_STEP)
+  with pytest.raises(FloatingPointError,
+                     match=f'stage 1 \\(rcae\\) at step {NAN_STEP}'):
+    train.train_and_checkpoint(config, workdir, loader)
+  assert saved_steps(workdir)[-1] == NAN_STEP - 1  # The last good one.
+  assert all_finite(train.load_params(config, workdir))
+  assert not train.training_complete(workdir)
+
+  config.train.skip_nonfinite = True  # Resumes at step 3, skips step 4.
+  with caplog.at_level('WARNING'):
+    params = train.train_and_checkpoint(config, workdir, loader)
+  assert 'skipped 1 batch(es) with a non-finite loss' in caplog.text
+  assert all_finite(params)
+  assert saved_steps(workdir)[-1] == 6
+  assert train.training_complete(workdir)
+  scalars = [json.loads(l) for l in open(os.path.join(workdir,
+                                                      'scalars.jsonl'))]
+  logged = [r for r in scalars if 'stage1/param_norm' in r]
+  assert logged and all('stage1/grad_norm' in r for r in logged)
+
+
+def test_guarded_step_keeps_state_on_nonfinite_batch(make_config):
+  """No host sync needed: the step itself leaves params and optimizer
+  state untouched, and counts the step."""
+  config = make_config(**{'model.depth': 1})  # One stage-1 program.
+  nets = train.build_networks(config.model)
+  state = train.fresh_state(train.initial_params(nets, config), 1, config)
+  before = jax.tree.map(lambda x: np.array(x, copy=True), state)
+  step_fn, _ = train.make_step(config, 1, nets)
+  good = np.full((4, 32, 32, 3), 0.5, np.float32)
+  bad = good.copy()
+  bad[1, 2, 3, 0] = np.inf
+  state, m = step_fn(state, {'image': bad}, None, 0)
+  assert not bool(m['finite'])
+  assert int(m['nonfinite_steps']) == 1
+  assert int(m['first_nonfinite_step']) == 1
+  for part in ('params', 'opt_state'):
+    same = jax.tree.map(np.array_equal, getattr(before, part),
+                        getattr(state, part))
+    assert jax.tree.all(same), part
+  state, m = step_fn(state, {'image': good}, None, 1,
+                     {k: m[k] for k in train.HEALTH_KEYS})
+  assert bool(m['finite']) and int(m['nonfinite_steps']) == 1
+  assert not jax.tree.all(jax.tree.map(
+      np.array_equal, before.params['rcae'], state.params['rcae']))
+
+
+def test_sigterm_handler_is_restored_after_training():
+  previous = signal.getsignal(signal.SIGTERM)
+  with train.StopRequest() as stop:
+    assert signal.getsignal(signal.SIGTERM) != previous
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)
+    assert stop.requested(0)
+  assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_relative_workdir_checkpoints(tmp_path, monkeypatch):
+  """`--workdir workdirs/x` (relative): Orbax's writer needs absolute."""
+  monkeypatch.chdir(tmp_path)
+  ckpt = checkpoints.Checkpointer(os.path.join('wd', 'checkpoints'), keep=1)
+  ckpt.save(1, {'w': jnp.ones(2)},
+            {'stage': 1, 'stage_step': 1, 'global_step': 1})
+  ckpt.wait()
+  restored = ckpt.restore_latest(
+      lambda stage: jax.eval_shape(lambda: {'w': jnp.ones(2)}))
+  assert restored[0]['global_step'] == 1
+  ckpt.close()

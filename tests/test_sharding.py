@@ -1,0 +1,48 @@
+"""Data parallelism on 8 fake CPU devices (set in conftest.py)."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from rcae_jax import sharding
+from rcae_jax import train
+
+
+def fixed_batch(b=8, size=32):
+  rng = np.random.default_rng(0)
+  return {'image': rng.integers(0, 255, (b, size, size, 3), np.uint8)}
+
+
+def one_step(config, stage, mesh, batch):
+  nets = train.build_networks(config.model)
+  state = train.create_state(config, stage, nets, mesh)
+  step_fn, _ = train.make_step(config, stage, nets, mesh)
+  if mesh is not None:
+    batch = sharding.to_global(batch, mesh)
+  return step_fn(state, batch, train.step_rng(0, stage, 0), 0), batch
+
+
+@pytest.mark.parametrize('stage', [1, 2, 3])
+def test_sharded_step_equals_single_device_step(make_config, stage):
+  assert jax.device_count() == 8, 'conftest sets 8 fake CPU devices'
+  config = make_config(**{'train.batch_size': 8})
+  (single, m1), _ = one_step(config, stage, None, fixed_batch())
+  mesh = sharding.make_mesh(8)
+  (sharded, m8), gbatch = one_step(config, stage, mesh, fixed_batch())
+  np.testing.assert_allclose(m1['loss'], m8['loss'], rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-5),
+               jax.device_get(single.params), jax.device_get(sharded.params))
+  # State replicated on all 8 devices, batch split along its first axis.
+  for leaf in jax.tree.leaves(sharded.params):
+    assert leaf.sharding.spec == P() and len(leaf.sharding.device_set) == 8
+  assert gbatch['image'].sharding.spec == P('data')
+  shard_rows = {s.data.shape[0] for s in gbatch['image'].addressable_shards}
+  assert shard_rows == {1}
+
+
+def test_indivisible_batch_is_a_clear_error(make_config):
+  mesh = sharding.make_mesh(8)
+  with pytest.raises(ValueError, match='not divisible by the 8 devices'):
+    sharding.check_batch(12, mesh)
