@@ -108,7 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --------------------------------------------------------------- train
   config.train = train = ml_collections.ConfigDict()
-  # Per-device batch size times device count.
+  # Global batch size (all devices of all hosts; must divide by the device
+  # count). Stages may override it with their own `batch_size`.
   train.batch_size = 16
   # Log scalars every this many steps.
   train.log_every = 50
@@ -124,12 +125,28 @@ def get_config() -> ml_collections.ConfigDict:
   train.stage2 = ml_collections.ConfigDict()
   train.stage2.steps = 200
   train.stage2.learning_rate = 1e-3
+  # Stages 2 and 3 run every depth through DPN (and CRD): 8 images give N*8
+  # reconstructions per step, enough on CPU. 0 = train.batch_size.
+  train.stage2.batch_size = 8
   # Stage 3: CRD on pseudo-anomalies with RcAE and DPN frozen; 0 skips it.
   train.stage3 = ml_collections.ConfigDict()
   train.stage3.steps = 300
   train.stage3.learning_rate = 1e-3
+  train.stage3.batch_size = 8
+  # Also save every this many minutes (0 = off), and on SIGTERM always:
+  # a preempted run loses at most this much work.
+  train.checkpoint_minutes = 10.0
+  # A step with a non-finite loss/gradient never updates the parameters.
+  # False: stop with the stage and step named (the last checkpoint stays
+  # good). True: skip such batches, count them, go on.
+  train.skip_nonfinite = False
   # Optional cross-depth consistency loss weight in stage 1 (ours, off).
   train.consistency_weight = 0.0
+
+  # Devices for data parallelism (one `data` mesh axis over all hosts).
+  config.mesh = ml_collections.ConfigDict()
+  # 0 = every device JAX sees; n = the first n (e.g. 1 to debug).
+  config.mesh.num_devices = 0
 
   # Pseudo-anomaly synthesis for stage 3 (see rcae_jax/anomalies.py).
   config.anomalies = anomalies.default_config()

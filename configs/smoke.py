@@ -29,6 +29,8 @@ def get_config():
   config.model.dpn_width = 4
   config.model.crd_width = 2
   config.train.batch_size = 4
+  config.train.stage2.batch_size = 4
+  config.train.stage3.batch_size = 4
   config.train.log_every = 1
   config.train.checkpoint_every = 2
   config.train.stage1.steps = 3

@@ -49,6 +49,7 @@ from rcae_jax import fileio
 from rcae_jax import input_pipeline
 from rcae_jax import losses
 from rcae_jax import models
+from rcae_jax import sharding
 from rcae_jax import validate
 from rcae_jax import writers
 
@@ -245,11 +246,14 @@ def guard_nonfinite(step_fn, component: str):
   return guarded
 
 
-def make_step(config, stage: int, nets: Networks) -> tuple[Callable, Any]:
+def make_step(config, stage: int, nets: Networks, mesh=None
+              ) -> tuple[Callable, Any]:
   """The jitted train step of `stage` (1, 2, 3) and its optimizer.
 
   Called as step_fn(state, batch, rng, step, health=None); `health` is the
-  previous step's metrics' HEALTH_KEYS (None: a fresh count)."""
+  previous step's metrics' HEALTH_KEYS (None: a fresh count). With a
+  `mesh`, state/rng/health are replicated and the batch is split on the
+  `data` axis; XLA inserts the gradient all-reduce."""
   stage_cfg = config.train[f'stage{stage}']
   tx = make_optimizer(stage_cfg)
   if stage == 1:
@@ -261,20 +265,47 @@ def make_step(config, stage: int, nets: Networks) -> tuple[Callable, Any]:
     fn = functools.partial(stage3_step, nets=nets, tx=tx,
                            use_dpn=uses_dpn(config),
                            anomaly_cfg=config.anomalies)
-  fn = guard_nonfinite(fn, STAGES[stage - 1])
-  if stage == 1:
-    jitted = jax.jit(fn, static_argnames='depth', donate_argnums=0)
-    static = lambda step: {'depth': stage1_depth(config.seed, step,
-                                                 config.model.depth)}
-  else:
-    jitted = jax.jit(fn, donate_argnums=0)
-    static = lambda step: {}
+  guarded = guard_nonfinite(fn, STAGES[stage - 1])
+  # Depth (stage 1) is a static positional argument: one program per depth.
+  positional = lambda state, batch, rng, health, depth: guarded(
+      state, batch, rng, health, **({'depth': depth} if stage == 1 else {}))
+  shardings = {}
+  if mesh is not None:
+    rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    shardings = dict(in_shardings=(rep, data, rep, rep),
+                     out_shardings=(rep, rep))
+  jitted = jax.jit(positional, static_argnums=4, donate_argnums=0,
+                   **shardings)
 
   def step_fn(state, batch, rng, step, health=None):
+    depth = (stage1_depth(config.seed, step, config.model.depth)
+             if stage == 1 else 0)
     return jitted(state, batch, rng, healthy() if health is None else health,
-                  **static(step))
+                  depth)
 
   return step_fn, tx
+
+
+def stage_batch_size(config, stage: int) -> int:
+  """Global batch of a stage: its own `batch_size` if set, else the
+  shared train.batch_size."""
+  return config.train[f'stage{stage}'].get('batch_size', 0) or (
+      config.train.batch_size)
+
+
+def create_state(config, stage: int, nets: Networks, mesh=None
+                 ) -> TrainState:
+  """A fresh stage state from the config's seed, replicated on `mesh`."""
+  state = fresh_state(initial_params(nets, config), stage, config)
+  return place_state(state, mesh)
+
+
+def place_state(state: TrainState, mesh) -> TrainState:
+  """Replicates `state` over the mesh. The caller must not use `state`'s
+  arrays afterwards: the (donating) step may reuse their buffers."""
+  if mesh is None:
+    return state
+  return jax.device_put(state, sharding.replicated(mesh))
 
 
 def uses_dpn(config) -> bool:
@@ -529,8 +560,12 @@ def run_stage(config, stage, nets, state, start, progress, loader, writer,
   """Steps `start`..steps of one stage; returns (state, progress)."""
   stop = stop or StopRequest()
   steps = config.train[f'stage{stage}'].steps
-  step_fn, _ = make_step(config, stage, nets)
-  batches = loader.train_batches(config.train.batch_size,
+  mesh = sharding.make_mesh(config.get('mesh', {}).get('num_devices', 0))
+  batch_size = stage_batch_size(config, stage)
+  sharding.check_batch(batch_size, mesh)
+  step_fn, _ = make_step(config, stage, nets, mesh)
+  state = place_state(state, mesh)
+  batches = loader.train_batches(batch_size,
                                  seed=config.seed * 1000 + stage,
                                  start_step=start,
                                  process_index=jax.process_index(),
@@ -549,8 +584,9 @@ def run_stage(config, stage, nets, state, start, progress, loader, writer,
   health = healthy()
   t0 = time.time()
   for step in range(start, steps):
-    state, metrics = step_fn(state, next(batches),
-                             step_rng(config.seed, stage, step), step, health)
+    batch = sharding.to_global(next(batches), mesh)
+    state, metrics = step_fn(state, batch, step_rng(config.seed, stage, step),
+                             step, health)
     health = {k: metrics[k] for k in HEALTH_KEYS}
     global_step += 1
     done = step + 1

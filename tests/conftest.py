@@ -24,6 +24,7 @@ def tiny_config(**overrides):
   """configs/smoke.py (seconds on one CPU core) with dotted overrides."""
   import smoke  # configs/smoke.py  # pylint: disable=g-import-not-at-top
   config = smoke.get_config()
+  config.mesh.num_devices = 1  # conftest fakes 8 devices; tests opt in.
   for key, value in overrides.items():
     target = config
     *path, last = key.split('.')
