@@ -32,25 +32,19 @@ On CPU use small sizes, e.g.
       --config.benchmark.batch_sizes='(1,)' --config.benchmark.iters=5
 """
 
-import importlib.util
 import os
+import sys
 
 import ml_collections
 
-
-def _default_config() -> ml_collections.ConfigDict:
-  # Loaded by path so that this file works as `--config configs/benchmark.py`
-  # whatever the current directory or sys.path (configs/ is not a package).
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      'default.py')
-  spec = importlib.util.spec_from_file_location('rcae_configs_default', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+# configs/ is not a package: derived configs import the base by path, so
+# `--config configs/<name>.py` works from anywhere.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = _default_config()
+  config = default.get_config()
 
   # What main does: time the inference function (rcae_jax/benchmark.py).
   config.mode = 'benchmark'

@@ -11,6 +11,8 @@ on 2 CPU cores, mostly compilation; metrics are near chance.
 import os
 import sys
 
+# configs/ is not a package: derived configs import the base by path, so
+# `--config configs/<name>.py` works from anywhere.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 

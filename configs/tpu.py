@@ -44,21 +44,15 @@ divisible by the number of devices (v5litepod-8: 8 chips; v4-32: 16 chips);
 raise `train.batch_size` for bigger slices.
 """
 
-import importlib.util
 import os
+import sys
 
 import ml_collections
 
-
-def _default_config() -> ml_collections.ConfigDict:
-  # Loaded by path so that `--config configs/tpu.py` works from the repo
-  # root whatever sys.path holds (configs/ is not a package).
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      'default.py')
-  spec = importlib.util.spec_from_file_location('rcae_configs_default', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+# configs/ is not a package: derived configs import the base by path, so
+# `--config configs/<name>.py` works from anywhere.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _ceil_div(numerator, denominator):
@@ -71,7 +65,7 @@ PAPER_EPOCHS = {1: 1500, 2: 400, 3: 300}
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = _default_config()
+  config = default.get_config()
   data, model, train = config.data, config.model, config.train
 
   # ---------------------------------------------------------------- data

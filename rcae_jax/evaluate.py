@@ -187,8 +187,10 @@ def evaluate(params, loader, config, workdir: str, writer=None,
   maps, scores, labels, small_masks, kept = run_predictions(
       params, loader, config, 'test', predict_fn, keep=show)
   thresholds = choose_thresholds(params, loader, config, predict_fn)
-  fileio.write_json_atomic(os.path.join(workdir, 'thresholds.json'),
-                           thresholds)
+  primary = jax.process_index() == 0  # Every process computes; one writes.
+  if primary:
+    fileio.write_json_atomic(os.path.join(workdir, 'thresholds.json'),
+                             thresholds)
   resolution = config.eval.pixel_resolution
   masks = gt_maps = None
   if loader.files.has_masks or config.eval.export_maps:
@@ -213,7 +215,7 @@ def evaluate(params, loader, config, workdir: str, writer=None,
                time.time() - t0,
                ', '.join(f'{k}={v:.4f}' for k, v in sorted(result.items())))
   category = loader.files.category
-  if jax.process_index() == 0:
+  if primary:
     if config.eval.export_maps:
       n = export_maps.export(workdir, category, examples, gt_maps)
       logging.info('Wrote %d anomaly maps under %s/anomaly_maps', n, workdir)
@@ -228,9 +230,10 @@ def evaluate(params, loader, config, workdir: str, writer=None,
   report = {category: dict(result, pixel_resolution=resolution,
                            scoring=config.eval.scoring,
                            num_test_images=int(len(labels)))}
-  fileio.write_json_atomic(os.path.join(workdir, 'metrics.json'), report)
-  fileio.write_text_atomic(os.path.join(workdir, 'results.md'),
-                           results_table(report))
+  if primary:
+    fileio.write_json_atomic(os.path.join(workdir, 'metrics.json'), report)
+    fileio.write_text_atomic(os.path.join(workdir, 'results.md'),
+                             results_table(report))
   return report
 
 

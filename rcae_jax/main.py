@@ -37,6 +37,9 @@ def initialize_distributed() -> None:
   _PROCESS_ID for GPU clusters; RCAE_JAX_DISTRIBUTED=1 on Cloud TPU, where
   JAX finds its peers by itself. Single-host runs set neither."""
   env = os.environ
+  if env.get('RCAE_JAX_COORDINATOR') and jax.config.jax_platforms == 'cpu':
+    # CPU-only clusters (and the localhost test) need CPU collectives.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if env.get('RCAE_JAX_COORDINATOR'):
     jax.distributed.initialize(
         coordinator_address=env['RCAE_JAX_COORDINATOR'],

@@ -53,11 +53,24 @@ def run(config, workdir: str) -> dict:
     params = train.train_and_checkpoint(config, workdir, loader)
   else:
     params = train.load_params(config, workdir)
+  # Evaluation runs the same program on every process over the whole test
+  # set, each on its own device, from a host copy of the replicated params.
+  params = jax.device_get(params)
+  log_checksum(params)
   log_model_cost(config, params, workdir)
   writer = writers.create_writer(workdir, jax.process_index() == 0)
   report = evaluate.evaluate(params, loader, config, workdir, writer=writer)
   writer.close()
   return report
+
+
+def log_checksum(params) -> None:
+  """Sum of |w| per component: a cheap fingerprint to compare runs and
+  processes by (multi-host runs must end with identical parameters)."""
+  sums = {k: float(np.sum([np.abs(np.asarray(x, np.float64)).sum()
+                           for x in jax.tree.leaves(v)]))
+          for k, v in params.items()}
+  logging.info('Parameter checksum: %s', json.dumps(sums, sort_keys=True))
 
 
 def log_model_cost(config, params, workdir: str) -> None:

@@ -46,3 +46,15 @@ def test_indivisible_batch_is_a_clear_error(make_config):
   mesh = sharding.make_mesh(8)
   with pytest.raises(ValueError, match='not divisible by the 8 devices'):
     sharding.check_batch(12, mesh)
+
+
+def test_scaling_benchmark_reports_each_device_count(tmp_path):
+  from rcae_jax import scaling_benchmark  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'scaling.json'
+  report = scaling_benchmark.main(
+      ['--devices', '1,2', '--steps', '1', '--batch', '4', '--image_size',
+       '32', '--width', '4', '--depth', '2', '--json', str(out)])
+  assert [r['devices'] for r in report['rows']] == [1, 2]
+  assert report['rows'][0]['efficiency'] == 1.0
+  assert all(r['images_per_sec'] > 0 for r in report['rows'])
+  assert out.exists()
