@@ -176,7 +176,7 @@ def picture_indices(examples, per_type: int) -> list[int]:
 
 
 def evaluate(params, loader, config, workdir: str, writer=None,
-             step: int = 0) -> dict:
+             step: int = 0, extra=None) -> dict:
   """Scores the test set; writes metrics.json, results.md, thresholds.json,
   TIFF maps and pictures under `workdir`; returns the metrics report."""
   check_scoring(config)
@@ -229,7 +229,8 @@ def evaluate(params, loader, config, workdir: str, writer=None,
       writer.flush()
   report = {category: dict(result, pixel_resolution=resolution,
                            scoring=config.eval.scoring,
-                           num_test_images=int(len(labels)))}
+                           num_test_images=int(len(labels)),
+                           **(extra or {}))}
   if primary:
     fileio.write_json_atomic(os.path.join(workdir, 'metrics.json'), report)
     fileio.write_text_atomic(os.path.join(workdir, 'results.md'),

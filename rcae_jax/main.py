@@ -61,6 +61,23 @@ def main(argv):
   except (validate.ConfigError, folder.DataError) as e:
     logging.error('%s', e)
     sys.exit(f'rcae_jax: error: {e}')
+  except jax.errors.JaxRuntimeError as e:
+    hint = out_of_memory_hint(e)
+    if hint is None:
+      raise
+    logging.error('%s', hint)
+    sys.exit(f'rcae_jax: error: {hint}')
+
+
+def out_of_memory_hint(error: Exception):
+  """One actionable line for a device out-of-memory error, else None."""
+  text = str(error)
+  if 'RESOURCE_EXHAUSTED' not in text and 'out of memory' not in text.lower():
+    return None
+  return ('the device ran out of memory. Lower config.train.batch_size (or '
+          'a stage\'s batch_size), config.eval.batch_size or '
+          'config.data.image_size, or use more devices; '
+          f'XLA said: {text.splitlines()[0][:300]}')
 
 
 def parse_flags(argv):

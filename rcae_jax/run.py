@@ -52,6 +52,10 @@ def run(config, workdir: str) -> dict:
   if config.mode == 'train':
     params = train.train_and_checkpoint(config, workdir, loader)
   else:
+    if not train.training_complete(workdir):
+      logging.warning('%s: training is not finished (no TRAINING_COMPLETE '
+                      'marker); evaluating its latest checkpoint, and '
+                      'metrics.json says training_complete=false', workdir)
     params = train.load_params(config, workdir)
   # Evaluation runs the same program on every process over the whole test
   # set, each on its own device, from a host copy of the replicated params.
@@ -59,7 +63,9 @@ def run(config, workdir: str) -> dict:
   log_checksum(params)
   log_model_cost(config, params, workdir)
   writer = writers.create_writer(workdir, jax.process_index() == 0)
-  report = evaluate.evaluate(params, loader, config, workdir, writer=writer)
+  report = evaluate.evaluate(params, loader, config, workdir, writer=writer,
+                             extra={'training_complete':
+                                    train.training_complete(workdir)})
   writer.close()
   return report
 

@@ -40,3 +40,13 @@ def test_category_without_train_good(tmp_path):
                     '--config.data.category=cat', tmp_path=tmp_path)
   assert result.returncode != 0
   assert 'train/good' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_out_of_memory_becomes_one_actionable_line():
+  from rcae_jax import main  # pylint: disable=g-import-not-at-top
+  hint = main.out_of_memory_hint(RuntimeError(
+      'RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.1GiB.\n'
+      'BufferAssignment ...'))
+  assert 'batch_size' in hint and 'allocate 9.1GiB' in hint
+  assert 'BufferAssignment' not in hint
+  assert main.out_of_memory_hint(RuntimeError('INVALID_ARGUMENT: x')) is None

@@ -90,6 +90,7 @@ def test_main_run_writes_metrics_checkpoint_and_resumes(make_config, tmp_path):
   assert category == 'synthetic'
   for key in ('image_auroc', 'pixel_auroc', 'au_pro'):
     assert 0.0 <= metrics[key] <= 1.0
+  assert metrics['training_complete'] is True
   on_disk = json.load(open(os.path.join(workdir, 'metrics.json')))
   assert on_disk == json.loads(json.dumps(report))
   saved = json.load(open(os.path.join(workdir, 'config.json')))
