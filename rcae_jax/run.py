@@ -20,8 +20,7 @@ from rcae_jax.datasets import check
 
 
 def prepare(config, workdir: str):
-  """Checks the config and the data folder; returns the loader."""
-  validate.validate(config)
+  """Checks the data folder; returns the loader."""
   files = input_pipeline.resolve_files(config.data, seed=config.seed)
   logging.info('Data: %s/%s, %d train, %d test images', files.root,
                files.category, len(files.train), len(files.test))
@@ -37,15 +36,14 @@ def prepare(config, workdir: str):
 
 def run(config, workdir: str) -> dict:
   """Dispatches on config.mode; returns that mode's report."""
+  validate.validate(config)  # Before anything is read or compiled.
   os.makedirs(workdir, exist_ok=True)
   if config.data.get('categories') and config.mode in ('train', 'evaluate'):
     return run_categories(config, workdir)
   if config.mode == 'benchmark':
-    validate.validate(config)
     from rcae_jax import benchmark  # pylint: disable=g-import-not-at-top
     return benchmark.run_benchmark(config, workdir)
   if config.mode == 'predict':
-    validate.validate(config)
     from rcae_jax import predict  # pylint: disable=g-import-not-at-top
     return {'predictions': predict.predict_files(config, workdir)}
   loader = prepare(config, workdir)

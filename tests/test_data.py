@@ -143,13 +143,12 @@ def test_host_slices_partition_the_batch(processes):
 def test_loaders_yield_identical_batches(category):
   memory = input_pipeline.MemoryLoader(category, 16)
   tfdata = input_pipeline.TFDataLoader(category, 16)
-  for loader_batches in [(memory, tfdata)]:
-    m_it = loader_batches[0].train_batches(4, seed=5, start_step=2)
-    t_it = loader_batches[1].train_batches(4, seed=5, start_step=2)
-    for _ in range(3):
-      m, t = next(m_it), next(t_it)
-      assert m['image'].dtype == np.uint8 and m['image'].shape == (4, 16, 16, 3)
-      np.testing.assert_array_equal(m['image'], t['image'])
+  m_it = memory.train_batches(4, seed=5, start_step=2)
+  t_it = tfdata.train_batches(4, seed=5, start_step=2)
+  for _ in range(3):
+    m, t = next(m_it), next(t_it)
+    assert m['image'].dtype == np.uint8 and m['image'].shape == (4, 16, 16, 3)
+    np.testing.assert_array_equal(m['image'], t['image'])
   m_test = list(memory.test_batches(4))
   t_test = list(tfdata.test_batches(4))
   assert len(m_test) == len(t_test) == 3  # 11 test images, padded to 12.
@@ -157,11 +156,7 @@ def test_loaders_yield_identical_batches(category):
     for key in ('image', 'mask', 'label', 'valid'):
       np.testing.assert_array_equal(m[key], t[key])
   valid = np.concatenate([b['valid'] for b in m_test])
-  assert valid.sum() == category_test_count(category)
-
-
-def category_test_count(category):
-  return len(category.test)
+  assert valid.sum() == len(category.test)
 
 
 # ------------------------------------------------------------ augmentation
