@@ -50,6 +50,7 @@ from rcae_jax import fileio
 from rcae_jax import evaluate
 from rcae_jax import flops as flops_lib
 from rcae_jax import train
+from rcae_jax import validate
 
 MODES = ('device', 'end_to_end')
 DTYPES = ('float32', 'bfloat16')
@@ -100,7 +101,7 @@ def check(config, bench) -> None:
       raise ValueError(f'config.benchmark.modes: {m!r} is not one of {MODES}')
   if bench.iters < 1 or bench.warmup < 0:
     raise ValueError('config.benchmark.iters must be >= 1 and warmup >= 0')
-  evaluate.check_scoring(config)
+  validate.check_scoring(config)
 
 
 def _with(config, *, dtype: str, image_size: int):

@@ -30,8 +30,8 @@ from rcae_jax import fileio
 from rcae_jax import export_maps
 from rcae_jax import metrics as metrics_lib
 from rcae_jax import train
+from rcae_jax import validate
 from rcae_jax import visualize
-from rcae_jax.datasets import folder
 
 
 def gaussian_kernel(sigma: float) -> np.ndarray:
@@ -100,12 +100,6 @@ def make_predict_fn(config, nets=None):
   return jax.jit(functools.partial(predict, nets=nets, config=config))
 
 
-def check_scoring(config) -> None:
-  if config.eval.scoring == 'crd' and not train.uses_crd(config):
-    raise ValueError("eval.scoring='crd' needs stage 3 (CRD): set "
-                     "train.stage3.steps > 0 or eval.scoring='recursion'")
-
-
 def upsample(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
   """Bilinear resize of a float map to (H, W)."""
   if amap.shape == tuple(shape):
@@ -143,13 +137,10 @@ def choose_thresholds(params, loader, config, predict_fn) -> dict:
   """Image and pixel thresholds from held-out good training images: no
   test label is looked at. Without held-out images, the training images
   stand in (optimistic: the model has seen them)."""
-  held_out = bool(loader.examples['val'])
+  held_out = loader.val_held_out
   if not held_out:
     logging.warning('No held-out images (data.val_fraction=0): thresholds '
                     'come from training images and will be too low.')
-    loader.examples['val'] = tuple(
-        folder.TestExample(p, 0, folder.GOOD, None)
-        for p in loader.files.train)
   maps, scores, _, _, _ = run_predictions(params, loader, config, 'val',
                                           predict_fn)
   pixel = float(np.quantile(maps, config.eval.pixel_quantile))
@@ -179,7 +170,7 @@ def evaluate(params, loader, config, workdir: str, writer=None,
              step: int = 0, extra=None) -> dict:
   """Scores the test set; writes metrics.json, results.md, thresholds.json,
   TIFF maps and pictures under `workdir`; returns the metrics report."""
-  check_scoring(config)
+  validate.check_scoring(config)
   t0 = time.time()
   predict_fn = make_predict_fn(config)
   examples = loader.files.test

@@ -40,7 +40,8 @@ def export_predict(params, config, path: str, *,
   baked in to `path` (atomically); returns the `jax.export.Exported`."""
   from rcae_jax import evaluate  # pylint: disable=g-import-not-at-top
   from rcae_jax import train  # pylint: disable=g-import-not-at-top
-  evaluate.check_scoring(config)
+  from rcae_jax import validate  # pylint: disable=g-import-not-at-top
+  validate.check_scoring(config)
   size = int(config.data.image_size)
   nets = train.build_networks(config.model)
   fn = functools.partial(predict_map_score, params, nets=nets, config=config)

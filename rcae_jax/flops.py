@@ -30,7 +30,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +158,6 @@ def model_report(config, params) -> dict:
   report = {}
   for name, (fn, args) in parts.items():
     report[name] = {
-        'params': int(sum(np.prod(a.shape) for a in
-                          jax.tree.leaves(params[name]))),
+        'params': train.count_params(params[name]),
         'gflop_per_image': count_flops(fn, params, *args).total / 1e9}
   return report

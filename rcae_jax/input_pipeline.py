@@ -182,11 +182,14 @@ class Loader:
     self.image_size = image_size
     self.num_workers = num_workers
     self.augment = parse_augment(augment)  # Fails at construction.
-    # Evaluation splits: 'test' and the held-out good training images
-    # ('val', for thresholds), served through the same code path.
+    # Evaluation splits: 'test' and the good images thresholds are set on
+    # ('val'), served through the same code path. Without a held-out split
+    # the training images stand in (optimistic: the model has seen them).
+    self.val_held_out = bool(val)
     self.examples = {
         'test': files.test,
-        'val': tuple(folder.TestExample(p, 0, folder.GOOD, None) for p in val),
+        'val': tuple(folder.TestExample(p, 0, folder.GOOD, None)
+                     for p in (val or files.train)),
     }
 
   @property

@@ -19,6 +19,14 @@ def _choice(value, name, options):
     raise ConfigError(f'config.{name} must be one of {options}, got {value!r}')
 
 
+def check_scoring(config) -> None:
+  """CRD maps need a trained CRD (stage 3)."""
+  if config.eval.scoring == 'crd' and config.train.stage3.steps == 0:
+    raise ConfigError("config.eval.scoring='crd' needs stage 3: set "
+                      "config.train.stage3.steps > 0 or "
+                      "config.eval.scoring='recursion'")
+
+
 def validate(config) -> None:
   _choice(config.mode, 'mode', MODES)
   m, d, t, e = config.model, config.data, config.train, config.eval
@@ -51,10 +59,7 @@ def validate(config) -> None:
   if t.stage1.steps == 0 and config.mode == 'train':
     raise ConfigError('config.train.stage1.steps must be > 0: every later '
                       'stage builds on the recursive autoencoder')
-  if e.scoring == 'crd' and t.stage3.steps == 0:
-    raise ConfigError("config.eval.scoring='crd' needs stage 3: set "
-                      "config.train.stage3.steps > 0 or "
-                      "config.eval.scoring='recursion'")
+  check_scoring(config)
   if config.mode == 'predict' and not config.predict.inputs:
     raise ConfigError("config.mode='predict' needs config.predict.inputs (a "
                       'folder or comma-separated image files)')

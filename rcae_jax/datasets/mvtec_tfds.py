@@ -128,9 +128,7 @@ archive(s), and pass the extracted folder as the manual directory
 
 def decode_image(path: str) -> np.ndarray:
   """uint8 [H, W, 3] at full resolution, decoded exactly as the loaders do."""
-  # Same conversion as decode.load_image, without its resize.
-  # pylint: disable=protected-access
-  return np.asarray(decode._to_rgb8(decode._open(path)), dtype=np.uint8)
+  return decode.load_image(path, None)
 
 
 def decode_example(ex: folder.TestExample) -> tuple[np.ndarray, np.ndarray]:
