@@ -144,7 +144,7 @@ def load_or_init_params(config, bench) -> tuple[dict, str]:
   """float32 parameters: the checkpoint's, or random ones."""
   if bench.checkpoint_workdir:
     return (train.load_params(config, bench.checkpoint_workdir),
-            f'checkpoint:{os.path.abspath(bench.checkpoint_workdir)}')
+            f'checkpoint:{fileio.absolute(bench.checkpoint_workdir)}')
   return random_params(config, config.seed), 'random'
 
 
@@ -331,7 +331,7 @@ def run_benchmark(config, workdir: str) -> dict:
   `<workdir>/benchmark.json`, prints a table and returns the report."""
   bench = benchmark_config(config)
   check(config, bench)
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   params, weights = load_or_init_params(config, bench)
   env = environment()
   logging.info('Benchmark on %s (%s), %s weights', env['device_kind'],

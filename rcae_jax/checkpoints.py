@@ -17,18 +17,20 @@ TRAINING_COMPLETE) are not step names, so Orbax ignores them.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Callable, Optional
 
 import orbax.checkpoint as ocp
+
+from rcae_jax import fileio
 
 
 class Checkpointer:
   """A thin CheckpointManager wrapper: save, wait, restore the latest."""
 
   def __init__(self, directory: str, keep: int, read_only: bool = False):
-    # Orbax's OCDBT writer refuses relative paths (`--workdir workdirs/x`).
-    self.directory = os.path.abspath(directory)
+    # Orbax's OCDBT writer refuses relative paths (`--workdir workdirs/x`);
+    # gs:// URLs go to Orbax as they are.
+    self.directory = fileio.absolute(directory)
     self._mngr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(

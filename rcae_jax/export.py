@@ -20,11 +20,12 @@ versions within jax's serialization compatibility window.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from rcae_jax import fileio
 
 
 def predict_map_score(params, images, *, nets, config):
@@ -49,19 +50,12 @@ def export_predict(params, config, path: str, *,
   spec = jax.ShapeDtypeStruct(shape, jnp.uint8)
   kwargs = {} if platforms is None else {'platforms': tuple(platforms)}
   exported = jax.export.export(jax.jit(fn), **kwargs)(spec)
-  data = exported.serialize()
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
+  fileio.write_bytes_atomic(path, bytes(exported.serialize()))
   return exported
 
 
 def load_exported(path: str) -> jax.export.Exported:
-  with open(path, 'rb') as f:
-    return jax.export.deserialize(bytearray(f.read()))
+  return jax.export.deserialize(bytearray(fileio.read_bytes(path)))
 
 
 def load_predict(path: str) -> Callable[[jax.typing.ArrayLike], dict]:

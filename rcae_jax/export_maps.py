@@ -10,19 +10,21 @@ maps with the reference implementation of AU-PRO. Maps are written at the
 ground-truth (original image) resolution, as that script compares them with
 the masks pixel by pixel; the caller upsamples (`evaluate.upsample`).
 
-Files are written atomically (temp file in the same folder + `os.replace`):
-an interrupted export never leaves a truncated TIFF that a later evaluation
+Files are written atomically (`fileio.write_bytes_atomic`; `out_root` may be
+a gs:// URL): an interrupted export never leaves a truncated TIFF that a later evaluation
 would read as a valid, wrong map.
 """
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+from rcae_jax import fileio
 
 MAPS_FOLDER = 'anomaly_maps'
 
@@ -36,24 +38,11 @@ def map_path(out_root: str, category: str, example_path: str,
 
 
 def save_image_atomic(path: str, image: Image.Image, fmt: str) -> None:
-  """Saves a PIL image via a temp file in the same folder + os.replace.
-
-  The temp file lives next to the target so the rename stays on one file
-  system (atomic on POSIX and Windows); it is removed if saving fails.
-  """
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path),
-                             suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      image.save(f, format=fmt)
-    os.replace(tmp, path)
-  except BaseException:
-    # Also on KeyboardInterrupt: never leave the temp file behind.
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Encodes a PIL image in memory, then writes it atomically (local temp
+  file + rename, or one object upload for gs://: fileio)."""
+  buf = io.BytesIO()
+  image.save(buf, format=fmt)
+  fileio.write_bytes_atomic(path, buf.getvalue())
 
 
 def write_tiff_atomic(path: str, amap) -> None:

@@ -29,6 +29,7 @@ from typing import Iterator
 
 import numpy as np
 
+from rcae_jax import fileio
 from rcae_jax.datasets import decode, folder, synthetic
 
 
@@ -42,8 +43,13 @@ def resolve_files(data_cfg, seed: int = 0) -> folder.CategoryFiles:
         n_test_good=data_cfg.synthetic_test_good,
         n_per_defect=data_cfg.synthetic_test_per_defect)
     return folder.discover(root, synthetic.CATEGORY)
-  root = os.path.abspath(os.path.expanduser(root))
+  root = fileio.absolute(root)
   if data_cfg.get('format', 'mvtec') == 'visa':
+    if fileio.is_remote(root):
+      # Its split CSV names ~10k files that would be checked one by one.
+      raise folder.DataError(
+          f'data.format=visa reads a local copy only; {root!r} is remote. '
+          'Copy it first (gcloud storage cp --recursive ...).')
     from rcae_jax.datasets import visa  # pylint: disable=g-import-not-at-top
     return visa.discover_visa(root, data_cfg.category,
                               data_cfg.get('visa_split_csv') or None)

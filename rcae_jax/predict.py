@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 
@@ -32,10 +31,10 @@ def list_inputs(spec: str) -> list[str]:
   """A folder (its images, sorted) or comma-separated image files."""
   paths = []
   for part in [p.strip() for p in spec.split(',') if p.strip()]:
-    if os.path.isdir(part):
-      paths += [os.path.join(part, n) for n in sorted(os.listdir(part))
+    if fileio.isdir(part):
+      paths += [os.path.join(part, n) for n in sorted(fileio.listdir(part))
                 if folder.is_image(n)]
-    elif os.path.isfile(part):
+    elif fileio.exists(part):
       paths.append(part)
     else:
       raise folder.DataError(f'predict input {part!r} is neither an image '
@@ -47,11 +46,10 @@ def list_inputs(spec: str) -> list[str]:
 
 def load_thresholds(workdir: str) -> dict:
   path = os.path.join(workdir, 'thresholds.json')
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     raise FileNotFoundError(f'{path} is missing: evaluate the run first '
                             '(--config.mode=evaluate) to choose thresholds')
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
+  return fileio.read_json(path)
 
 
 def _batches(paths, batch_size, size):

@@ -37,7 +37,7 @@ def prepare(config, workdir: str):
 def run(config, workdir: str) -> dict:
   """Dispatches on config.mode; returns that mode's report."""
   validate.validate(config)  # Before anything is read or compiled.
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   if config.data.get('categories') and config.mode in ('train', 'evaluate'):
     return run_categories(config, workdir)
   if config.mode == 'benchmark':
@@ -103,11 +103,10 @@ def run_categories(config, workdir: str) -> dict:
       sub.data.categories = ()
     subdir = os.path.join(workdir, category)
     done = os.path.join(subdir, 'metrics.json')
-    if config.mode == 'train' and os.path.exists(done):
+    if config.mode == 'train' and fileio.exists(done):
       logging.info('Category %s already finished (%s): skipped', category,
                    done)
-      with open(done, encoding='utf-8') as f:
-        report.update(json.load(f))
+      report.update(fileio.read_json(done))
       continue
     logging.info('=== Category %s -> %s', category, subdir)
     report.update(run(sub, subdir))

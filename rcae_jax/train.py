@@ -430,10 +430,9 @@ def check_resume_compatible(config, ckpt_dir: str) -> None:
 
   Fields absent from the saved copy (added to the code since) pass."""
   path = os.path.join(ckpt_dir, MODEL_CONFIG)
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     return
-  with open(path, encoding='utf-8') as f:
-    saved = json.load(f)
+  saved = fileio.read_json(path)
   current = model_signature(config)
   diffs = [f'{k}: {saved[k]!r} -> {current.get(k, "<unset>")!r}'
            for k in sorted(saved)
@@ -460,8 +459,8 @@ def record_model_config(config, ckpt_dir: str) -> None:
 def training_complete(workdir: str) -> bool:
   """True once every stage has run all its steps (the marker is removed
   when a rerun with more steps trains again)."""
-  return os.path.exists(os.path.join(workdir, 'checkpoints',
-                                     COMPLETE_MARKER))
+  return fileio.exists(os.path.join(workdir, 'checkpoints',
+                                    COMPLETE_MARKER))
 
 
 def set_complete(ckpt_dir: str, progress: Optional[dict]) -> None:
@@ -471,8 +470,8 @@ def set_complete(ckpt_dir: str, progress: Optional[dict]) -> None:
   path = os.path.join(ckpt_dir, COMPLETE_MARKER)
   if progress is not None:
     fileio.write_json_atomic(path, progress)
-  elif os.path.exists(path):
-    os.remove(path)
+  else:
+    fileio.remove(path)
 
 
 def initial_params(nets: Networks, config) -> dict:
@@ -605,6 +604,7 @@ def run_stage(config, stage, nets, state, start, progress, loader, writer,
       progress = {'stage': stage, 'stage_step': done,
                   'global_step': global_step}
       ckpt.save(global_step, state, progress)
+      writer.flush()  # Scalars reach the workdir (gs:// too) with each save.
       timer.reset()
     if preempt:
       stop_preempted(ckpt, progress)

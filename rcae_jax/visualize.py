@@ -376,8 +376,8 @@ def curve_plot(xs, ys, title: str, xlabel: str, ylabel: str,
 def save_png(path: str, array) -> None:
   """Saves a uint8 [H, W, 3] / [H, W] array as PNG, atomically.
 
-  Temp file in the same folder + os.replace, creating folders: a crash
-  never leaves a half-written picture.
+  Through fileio (local temp file + rename, or one gs:// upload), creating
+  folders: a crash never leaves a half-written picture.
   """
   array = np.ascontiguousarray(array)
   if array.dtype != np.uint8:

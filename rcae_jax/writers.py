@@ -18,28 +18,54 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from rcae_jax import fileio
+
 
 class JsonlWriter:
-  """Appends one JSON object per write to `<logdir>/scalars.jsonl`."""
+  """One JSON object per write in `<logdir>/scalars.jsonl`.
+
+  Local: appended line by line (a crash loses at most the unflushed
+  lines). gs://: objects cannot be appended to, so the rows are kept and
+  the whole file is rewritten on each flush (a run logs a few thousand
+  short rows, so this stays small); a resumed run first reads the rows
+  already there, so the file still grows across restarts.
+  """
 
   def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
-    self._f = open(os.path.join(logdir, 'scalars.jsonl'), 'a',
-                   encoding='utf-8')
+    self._path = os.path.join(logdir, 'scalars.jsonl')
+    self._remote = fileio.is_remote(logdir)
+    fileio.makedirs(logdir)
+    if self._remote:
+      self._rows = [fileio.read_text(self._path)] if fileio.exists(
+          self._path) else []
+      self._dirty = False
+    else:
+      self._f = open(self._path, 'a', encoding='utf-8')
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
     row = {'step': int(step), 'time': time.time()}
     row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-    self._f.write(json.dumps(row) + '\n')
+    line = json.dumps(row) + '\n'
+    if self._remote:
+      self._rows.append(line)
+      self._dirty = True
+    else:
+      self._f.write(line)
 
   def write_images(self, step, images):
     del step, images
 
   def flush(self):
-    self._f.flush()
+    if not self._remote:
+      self._f.flush()
+    elif self._dirty:
+      fileio.write_text_atomic(self._path, ''.join(self._rows))
+      self._dirty = False
 
   def close(self):
-    self._f.close()
+    self.flush()
+    if not self._remote:
+      self._f.close()
 
 
 class _PlainLoggingWriter:

@@ -26,6 +26,7 @@ from typing import Optional
 
 from PIL import Image, UnidentifiedImageError
 
+from rcae_jax import fileio
 from rcae_jax.datasets import folder
 
 MAX_LISTED = 10
@@ -93,7 +94,7 @@ def _describe(e: BaseException) -> str:
 def _check_image(path: str) -> _Result:
   res = _Result(path)
   try:
-    with Image.open(path) as img:
+    with Image.open(fileio.image_source(path)) as img:
       res.size, res.mode = img.size, img.mode
       if img.format == 'PNG':
         img.verify()
@@ -109,7 +110,7 @@ def _check_image(path: str) -> _Result:
 def _check_mask(path: str) -> _Result:
   res = _Result(path)
   try:
-    with Image.open(path) as img:
+    with Image.open(fileio.image_source(path)) as img:
       res.size, res.mode = img.size, img.mode
       img.load()
       res.has_foreground = img.convert('L').getbbox() is not None

@@ -10,12 +10,13 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from rcae_jax import fileio
 from rcae_jax.datasets.folder import DataError
 
 
 def _open(path: str) -> Image.Image:
   try:
-    img = Image.open(path)
+    img = Image.open(fileio.image_source(path))
     img.load()  # Forces the full decode, so truncated files fail here.
   except (OSError, UnidentifiedImageError, ValueError) as e:
     raise DataError(f'cannot decode image {path!r}: {e}') from e
@@ -69,7 +70,7 @@ def load_mask(path: str | None, shape: tuple[int, int]) -> np.ndarray:
 def image_shape(path: str) -> tuple[int, int]:
   """(H, W) without decoding the pixels."""
   try:
-    with Image.open(path) as img:
+    with Image.open(fileio.image_source(path)) as img:
       return img.size[1], img.size[0]
   except (OSError, UnidentifiedImageError) as e:
     raise DataError(f'cannot read image {path!r}: {e}') from e

@@ -18,6 +18,8 @@ import logging
 import os
 from typing import Optional
 
+from rcae_jax import fileio
+
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 GOOD = 'good'
 
@@ -52,20 +54,24 @@ def is_image(name: str) -> bool:
 
 def _list_images(folder: str) -> tuple[list[str], list[str]]:
   images, ignored = [], []
-  for name in sorted(os.listdir(folder)):
+  for name in sorted(fileio.listdir(folder)):
     path = os.path.join(folder, name)
-    if name.startswith('.') or os.path.isdir(path):
+    if name.startswith('.'):
       continue
-    (images if is_image(name) else ignored).append(path)
+    # Decide by the name first: on gs:// every isdir is a round trip.
+    if is_image(name):
+      images.append(path)
+    elif not fileio.isdir(path):
+      ignored.append(path)
   return images, ignored
 
 
 def _mask_index(gt_dir: str) -> dict[str, str]:
   """Maps an image stem to its mask file in one ground-truth folder."""
   index = {}
-  if not os.path.isdir(gt_dir):
+  if not fileio.isdir(gt_dir):
     return index
-  for name in os.listdir(gt_dir):
+  for name in fileio.listdir(gt_dir):
     if not is_image(name):
       continue
     stem = os.path.splitext(name)[0]
@@ -77,18 +83,18 @@ def _mask_index(gt_dir: str) -> dict[str, str]:
 
 def discover(root: str, category: str) -> CategoryFiles:
   """Lists a category's files; raises DataError naming what is wrong."""
-  if not root or not os.path.isdir(root):
+  if not root or not fileio.isdir(root):
     raise DataError(f'data root {root!r} does not exist or is not a folder '
                     '(set --config.data.root to the folder that holds the '
                     'category folders)')
   cat_dir = os.path.join(root, category)
-  if not os.path.isdir(cat_dir):
-    found = sorted(d for d in os.listdir(root)
-                   if os.path.isdir(os.path.join(root, d)))
+  if not fileio.isdir(cat_dir):
+    found = sorted(d for d in fileio.listdir(root)
+                   if fileio.isdir(os.path.join(root, d)))
     raise DataError(f'category {category!r} not found in {root!r}; '
                     f'folders there: {found or "none"}')
   train_dir = os.path.join(cat_dir, 'train', GOOD)
-  if not os.path.isdir(train_dir):
+  if not fileio.isdir(train_dir):
     raise DataError(f'{train_dir!r} is missing: a category folder needs '
                     'train/good with defect-free training images')
   train, ignored = _list_images(train_dir)
@@ -96,15 +102,15 @@ def discover(root: str, category: str) -> CategoryFiles:
     raise DataError(f'{train_dir!r} holds no images (extensions: '
                     f'{", ".join(IMAGE_EXTENSIONS)}, any case)')
   test_dir = os.path.join(cat_dir, 'test')
-  if not os.path.isdir(test_dir):
+  if not fileio.isdir(test_dir):
     raise DataError(f'{test_dir!r} is missing: a category folder needs test/'
                     'with good/ and one folder per defect type')
   test: list[TestExample] = []
   missing_masks: list[str] = []
   any_mask = False
-  for defect in sorted(os.listdir(test_dir)):
+  for defect in sorted(fileio.listdir(test_dir)):
     defect_dir = os.path.join(test_dir, defect)
-    if not os.path.isdir(defect_dir):
+    if not fileio.isdir(defect_dir):
       ignored.append(defect_dir)
       continue
     images, skipped = _list_images(defect_dir)
