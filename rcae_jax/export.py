@@ -39,7 +39,6 @@ def export_predict(params, config, path: str, *,
                    platforms: Sequence[str] | None = None):
   """Writes the serialised inference function of `config` with `params`
   baked in to `path` (atomically); returns the `jax.export.Exported`."""
-  from rcae_jax import evaluate  # pylint: disable=g-import-not-at-top
   from rcae_jax import train  # pylint: disable=g-import-not-at-top
   from rcae_jax import validate  # pylint: disable=g-import-not-at-top
   validate.check_scoring(config)

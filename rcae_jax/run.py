@@ -61,7 +61,10 @@ def run(config, workdir: str) -> dict:
   log_checksum(params)
   log_model_cost(config, params, workdir)
   writer = writers.create_writer(workdir, jax.process_index() == 0)
+  # Eval scalars at the last training step, beside the training curves.
+  last_step = sum(config.train[f'stage{s}'].steps for s in (1, 2, 3))
   report = evaluate.evaluate(params, loader, config, workdir, writer=writer,
+                             step=last_step,
                              extra={'training_complete':
                                     train.training_complete(workdir)})
   writer.close()

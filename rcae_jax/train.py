@@ -572,9 +572,11 @@ def run_stage(config, stage, nets, state, start, progress, loader, writer,
   logging.info('Stage %d (%s): steps %d..%d', stage, STAGES[stage - 1],
                start, steps)
   set_complete(ckpt.directory, None)  # Training again: not complete.
-  report = writers.progress_reporter(steps, writer,
-                                     every_steps=config.train.log_every,
-                                     prefix=f'stage{stage}/')
+  # Progress counts global steps (the x-axis of every other scalar); its
+  # ETA is to the end of this stage.
+  report = writers.progress_reporter(
+      progress['global_step'] - start + steps, writer,
+      every_steps=config.train.log_every, prefix=f'stage{stage}/')
   timer = SaveTimer(config.train.get('checkpoint_minutes', 10))
   # Test / debugging knob: sleeps after each step so that tests can kill a
   # run mid-stage. Not for real runs.
@@ -589,7 +591,7 @@ def run_stage(config, stage, nets, state, start, progress, loader, writer,
     health = {k: metrics[k] for k in HEALTH_KEYS}
     global_step += 1
     done = step + 1
-    report(done)
+    report(global_step)
     if delay:
       time.sleep(delay)
     log_now = done % config.train.log_every == 0 or done == steps
@@ -692,7 +694,7 @@ def load_params(config, workdir: str) -> dict:
 
 def save_config(config, workdir: str, files) -> None:
   """The resolved config plus the actual data folder used."""
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   resolved = config.to_dict()
   resolved['resolved_data'] = {'root': files.root, 'category': files.category,
                                'num_train': len(files.train),

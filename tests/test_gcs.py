@@ -184,9 +184,12 @@ def test_main_run_with_gcs_workdir_and_data(gcs, tmp_path, monkeypatch):
   metrics = fileio.read_json('gs://bucket/run/metrics.json')
   category = config.data.category
   assert metrics[category]['image_auroc'] == report[category]['image_auroc']
-  steps = [json.loads(r)['step'] for r in
-           fileio.read_text('gs://bucket/run/scalars.jsonl').splitlines()]
-  assert max(steps) == 3  # Every training step's row reached the bucket.
+  rows = [json.loads(r) for r in
+          fileio.read_text('gs://bucket/run/scalars.jsonl').splitlines()]
+  # Every training step's row reached the bucket, and the evaluation is
+  # logged at the last global step (one x-axis for all scalars).
+  assert {r['step'] for r in rows if 'stage1/loss' in r} == {1, 2, 3}
+  assert [r['step'] for r in rows if 'eval/image_auroc' in r] == [3]
   assert any(n.endswith('.png') for _, _, fs in
              os.walk(os.path.join(out, 'pictures')) for n in fs)
 
