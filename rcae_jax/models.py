@@ -110,6 +110,9 @@ class RcAE(nn.Module):
   recursion: str = 'depth'
   iterative_levels: int = 2
   scan_unroll: bool = True
+  # Depth mode: one decoder call per level for all depths (`decode_all`)
+  # instead of one per (depth, level). Same function and parameters.
+  batch_decoding: bool = False
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -176,9 +179,38 @@ class RcAE(nn.Module):
       codes, feats = self.encode(x, depth)
       return self.decode(codes[-1], feats[-1], depth).astype(jnp.float32)
     codes, feats = self.encode(x, self.depth)
+    if self.batch_decoding:
+      return self.decode_all(codes, feats).astype(jnp.float32)
     recs = [self.decode(codes[n - 1], feats[n - 1], n)
             for n in range(1, self.depth + 1)]
     return jnp.stack(recs).astype(jnp.float32)
+
+  def decode_all(self, codes, feats):
+    """All N reconstructions [N, B, H, W, C], the same as stacking
+    `decode(codes[n-1], feats[n-1], n)` for n = 1..N, with one decoder call
+    per level instead of one per (n, level): at level l every stream with
+    n >= l is at the same resolution and goes through the same D^l, so the
+    streams are stacked on the batch axis. N calls on up to N*B images
+    instead of N(N+1)/2 calls on B (same FLOPs; fewer, larger kernels,
+    which is what a GPU at batch 1 needs). Exact: the decoder has no
+    batch-coupled op (no normalisation), tested against the loop.
+
+    Off by default: on XLA:CPU it was ~20% slower than the loop
+    (docs/performance.md); meant for GPUs, where it is not yet measured."""
+    b = codes[0].shape[0]
+    x = None  # Streams n = N..l+1, stacked on the batch axis.
+    for level in range(self.depth, 0, -1):
+      code, feat = codes[level - 1], feats[level - 1]
+      # Stream n = level starts here, with its skip; older ones get zeros.
+      x = code if x is None else jnp.concatenate([x, code], axis=0)
+      skip = None
+      if self.skips:
+        older = x.shape[0] - b
+        skip = feat if not older else jnp.concatenate(
+            [_zeros_like_features(x[:older], feat), feat], axis=0)
+      x = self._dec(level)(x, skip)
+    # Batch blocks are streams n = N, N-1, ..., 1: reverse to n = 1..N.
+    return x.reshape(self.depth, b, *x.shape[1:])[::-1]
 
   def _check_size(self, hw):
     factor = 2 ** self.depth
@@ -348,7 +380,9 @@ def build_rcae(cfg) -> RcAE:
               bottleneck_channels=cfg.bottleneck_channels, skips=cfg.skips,
               share_weights=cfg.share_weights, recursion=cfg.recursion,
               iterative_levels=cfg.get('iterative_levels', 2),
-              scan_unroll=cfg.scan_unroll, dtype=jnp.dtype(cfg.dtype))
+              scan_unroll=cfg.scan_unroll,
+              batch_decoding=cfg.get('batch_decoding', False),
+              dtype=jnp.dtype(cfg.dtype))
 
 
 def build_dpn(cfg) -> DPN:

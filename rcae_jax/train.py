@@ -410,7 +410,7 @@ class SaveTimer:
 MODEL_CONFIG = 'model_config.json'
 COMPLETE_MARKER = 'TRAINING_COMPLETE'
 # Model fields that change speed only, never what the parameters mean.
-RESUME_SAFE_FIELDS = ('model.scan_unroll',)
+RESUME_SAFE_FIELDS = ('model.scan_unroll', 'model.batch_decoding')
 
 
 def model_signature(config) -> dict:

@@ -24,6 +24,21 @@ def test_rcae_returns_all_depths(recursion):
   np.testing.assert_allclose(m.apply(params, x, depth=2), recs[1], atol=1e-5)
 
 
+@pytest.mark.parametrize('share,skips', [(True, True), (False, True),
+                                         (True, False)])
+def test_batched_decoding_equals_one_decode_per_depth(share, skips):
+  """decode_all (one decoder call per level, depths stacked on the batch)
+  gives every depth's reconstruction as its own decode loop does."""
+  m = models.RcAE(depth=4, width=4, share_weights=share, skips=skips,
+                  batch_decoding=True)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  params = m.init(jax.random.PRNGKey(1), x)
+  recs = m.apply(params, x)
+  for n in range(1, 5):
+    np.testing.assert_allclose(m.apply(params, x, depth=n), recs[n - 1],
+                               atol=1e-5, err_msg=f'depth {n}')
+
+
 @pytest.mark.parametrize('recursion', ['depth', 'iterative'])
 def test_parameters_do_not_grow_with_depth(recursion):
   x = jnp.zeros((1, 64, 64, 3))
