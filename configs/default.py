@@ -21,8 +21,11 @@ from rcae_jax import anomalies
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
-  # What main does: 'train' (all stages, then evaluate) or 'evaluate' (load
-  # the latest checkpoint in --workdir and evaluate it).
+  # What main does: 'train' (all stages, then evaluate), 'evaluate' (load
+  # the latest checkpoint in --workdir and evaluate it), 'predict' (score
+  # new images), 'benchmark' (inference latency) or 'depth_report'
+  # (per-depth reconstruction errors on defects vs elsewhere, before and
+  # after DPN: rcae_jax/depth_report.py).
   config.mode = 'train'
   # Seed for parameters, batch order, depth sampling and pseudo-anomalies.
   config.seed = 0

@@ -47,6 +47,11 @@ def run(config, workdir: str) -> dict:
     from rcae_jax import predict  # pylint: disable=g-import-not-at-top
     return {'predictions': predict.predict_files(config, workdir)}
   loader = prepare(config, workdir)
+  if config.mode == 'depth_report':
+    from rcae_jax import depth_report  # pylint: disable=g-import-not-at-top
+    return depth_report.run_depth_report(
+        jax.device_get(train.load_params(config, workdir)), loader, config,
+        workdir)
   if config.mode == 'train':
     params = train.train_and_checkpoint(config, workdir, loader)
   else:

@@ -7,7 +7,7 @@ the field, not minutes later as a traceback from inside XLA or tf.data.
 from __future__ import annotations
 
 
-MODES = ('train', 'evaluate', 'predict', 'benchmark')
+MODES = ('train', 'evaluate', 'predict', 'benchmark', 'depth_report')
 
 
 class ConfigError(ValueError):

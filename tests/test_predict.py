@@ -57,3 +57,30 @@ def test_predict_rejects_missing_input(trained, tmp_path):
   config.predict.inputs = str(tmp_path / 'missing.png')
   with pytest.raises(folder.DataError, match='missing.png'):
     run_lib.run(config, workdir)
+
+
+def test_depth_report_summarizes_errors_per_depth():
+  from rcae_jax import depth_report  # pylint: disable=g-import-not-at-top
+  masks = np.zeros((2, 4, 4), bool)
+  masks[0, :2, :2] = True
+  errors = np.stack([np.where(masks, 0.5, 0.1),      # depth 1 separates
+                     np.where(masks, 0.1, 0.2)])     # depth 2 inverts
+  rows = depth_report.summarize(errors.astype(np.float32), masks)
+  assert [r['depth'] for r in rows] == [1, 2]
+  assert rows[0]['defect_error'] == pytest.approx(0.5)
+  assert rows[0]['good_error'] == pytest.approx(0.1)
+  assert rows[0]['ratio'] == pytest.approx(5.0)
+  assert rows[0]['pixel_auroc'] == 1.0 and rows[1]['pixel_auroc'] == 0.0
+
+
+def test_depth_report_mode_on_a_trained_workdir(trained):
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  config.mode = 'depth_report'
+  report = run_lib.run(config, workdir)
+  saved = json.load(open(os.path.join(workdir, 'depth_report.json')))
+  assert saved == json.loads(json.dumps(report))
+  for name in ('rcae', 'dpn'):  # The tiny config trains DPN (stage 2).
+    assert [r['depth'] for r in report[name]] == list(
+        range(1, config.model.depth + 1))
+    assert all(0.0 <= r['pixel_auroc'] <= 1.0 for r in report[name])
