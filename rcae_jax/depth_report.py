@@ -21,17 +21,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rcae_jax import evaluate
 from rcae_jax import fileio
 from rcae_jax import metrics
 from rcae_jax import train
 
 
-def error_maps(params, images, *, nets, use_dpn: bool):
-  """[N, B, H, W] channel-mean |I_R^n - I| and |I_D^n - I|."""
+def error_maps(params, images, *, nets, use_dpn: bool) -> dict:
+  """[B, N, H, W] channel-mean |I_R^n - I| ('rec') and |I_D^n - I|
+  ('det'), batch axis first for `evaluate.collect`."""
   x = train.to_float(images)
   recs = train.reconstructions(nets, params, x)
   dets = train.details(nets, params, recs, x, use_dpn)
-  return (jnp.abs(recs - x[None]).mean(-1), jnp.abs(dets - x[None]).mean(-1))
+  error = lambda y: jnp.abs(y - x[None]).mean(-1).swapaxes(0, 1)
+  return {'rec': error(recs), 'det': error(dets)}
 
 
 def summarize(errors: np.ndarray, masks: np.ndarray) -> list[dict]:
@@ -51,22 +54,17 @@ def run_depth_report(params, loader, config, workdir: str) -> dict:
   nets = train.build_networks(config.model)
   use_dpn = train.uses_dpn(config)
   fn = jax.jit(functools.partial(error_maps, nets=nets, use_dpn=use_dpn))
-  rec, det, masks = [], [], []
-  for batch in loader.test_batches(config.eval.batch_size):
-    valid = np.asarray(batch['valid'], bool)
-    r, d = fn(params, batch['image'])
-    rec.append(np.asarray(r)[:, valid])
-    det.append(np.asarray(d)[:, valid])
-    masks.append(np.asarray(batch['mask'])[valid].astype(bool))
-  masks = np.concatenate(masks)
+  rows = evaluate.collect(loader, config.eval.batch_size,
+                          lambda batch, _: fn(params, batch['image']))
+  masks = rows['mask'].astype(bool)
   if not masks.any() or masks.all():
     raise ValueError('depth_report needs test masks with both defect and '
                      'good pixels')
   report = {'image_size': int(config.data.image_size),
             'defect_pixels': int(masks.sum()), 'pixels': int(masks.size),
-            'rcae': summarize(np.concatenate(rec, axis=1), masks)}
+            'rcae': summarize(rows['rec'].swapaxes(0, 1), masks)}
   if use_dpn:
-    report['dpn'] = summarize(np.concatenate(det, axis=1), masks)
+    report['dpn'] = summarize(rows['det'].swapaxes(0, 1), masks)
   if jax.process_index() == 0:
     fileio.write_json_atomic(os.path.join(workdir, 'depth_report.json'),
                              report)

@@ -109,28 +109,42 @@ def upsample(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
                                Image.Resampling.BILINEAR))
 
 
+def collect(loader, batch_size: int, fn, split: str = 'test') -> dict:
+  """Runs `fn(batch, valid) -> {name: array [B, ...]}` over a split and
+  returns {name: array [n, ...]} without the padding rows, plus each
+  example's 'label' and 'mask'. The last batch is padded to a fixed shape
+  so that jit compiles once; `valid` marks its real rows. Only what `fn`
+  returns is kept for the whole split, so per-batch work that must not
+  hold host memory (keeping a few pictures) belongs inside `fn`."""
+  rows = {}
+  for batch in loader.test_batches(batch_size, split=split):
+    valid = np.asarray(batch['valid'], bool)
+    out = dict(fn(batch, valid), label=batch['label'], mask=batch['mask'])
+    for name, value in out.items():
+      rows.setdefault(name, []).append(np.asarray(value)[valid])
+  return {name: np.concatenate(parts) for name, parts in rows.items()}
+
+
 def run_predictions(params, loader, config, split: str = 'test',
                     predict_fn=None, keep=()):
   """Maps [n, S, S], scores [n], labels [n], model-size masks [n, S, S],
   and {index: (recs, details)} for the example indices in `keep` (for
   pictures; everything else is dropped at once to bound host memory)."""
   predict_fn = predict_fn or make_predict_fn(config)
-  maps, scores, labels, masks, kept = [], [], [], [], {}
-  keep, offset = set(keep), 0
-  for batch in loader.test_batches(config.eval.batch_size, split=split):
+  keep, kept, offset = set(keep), {}, 0
+
+  def step(batch, valid):
+    nonlocal offset
     out = predict_fn(params, batch['image'])
-    valid = np.asarray(batch['valid'], bool)
-    maps.append(np.asarray(out['map'])[valid])
-    scores.append(np.asarray(out['score'])[valid])
-    labels.append(np.asarray(batch['label'])[valid])
-    masks.append(np.asarray(batch['mask'])[valid])
     for j in np.flatnonzero(valid):
       if offset + j in keep:
         kept[offset + j] = (np.asarray(out['recs'][:, j]),
                             np.asarray(out['details'][:, j]))
     offset += int(valid.sum())
-  return (np.concatenate(maps), np.concatenate(scores),
-          np.concatenate(labels), np.concatenate(masks), kept)
+    return {'map': out['map'], 'score': out['score']}
+
+  rows = collect(loader, config.eval.batch_size, step, split)
+  return rows['map'], rows['score'], rows['label'], rows['mask'], kept
 
 
 def choose_thresholds(params, loader, config, predict_fn) -> dict:
