@@ -186,6 +186,9 @@ def get_config() -> ml_collections.ConfigDict:
   ev.pro_fpr_limit = 0.3
   # Gaussian blur (sigma, px) of the recursion-error map; 0 = none.
   ev.map_sigma = 1.0
+  # How the recursion-error map combines depths: 'mean', 'max' or 'last'
+  # (deepest only). docs/results.md compares them on the real categories.
+  ev.recursion_reduce = 'mean'
   # Pixel metrics at the ground-truth masks' own size ("ground_truth",
   # as the official MVTec evaluation) or at the model size ("model").
   ev.pixel_resolution = "ground_truth"

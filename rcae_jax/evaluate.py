@@ -3,7 +3,8 @@
 Pixel map, by `config.eval.scoring`:
 - 'crd': M_A = sigmoid(CRD(...)), the paper's map.
 - 'recursion': M(p) = 1/N sum_n 1/C sum_c |I_D^n(p, c) - I(p, c)| (I_R^n
-  when DPN is off), optionally blurred with a Gaussian of
+  when DPN is off; `eval.recursion_reduce` may take the max over depths or
+  the deepest depth instead of the mean), optionally blurred with a Gaussian of
   `eval.map_sigma` px. Normal regions are rebuilt at every depth; defects
   are not rebuilt at the deeper ones, so their error accumulates.
 Image score (ours, METHOD.md): the maximum of the map after `box` or
@@ -73,9 +74,23 @@ def image_scores(maps: jax.Array, eval_cfg) -> jax.Array:
   return smooth.max(axis=(1, 2))
 
 
-def recursion_error_map(dets: jax.Array, x: jax.Array) -> jax.Array:
-  """Mean over depths and channels of |I_D^n - I|: [N,B,H,W,C] -> [B,H,W]."""
-  return jnp.abs(dets - x[None]).mean(axis=(0, -1))
+def recursion_error_map(dets: jax.Array, x: jax.Array,
+                        reduce: str = 'mean') -> jax.Array:
+  """Channel-mean |I_D^n - I| combined over depths: [N,B,H,W,C] -> [B,H,W].
+
+  `reduce`: 'mean' over depths (every depth votes), 'max' over depths
+  (a defect counts where any depth fails to rebuild it), or 'last' (the
+  deepest depth alone, which discards most detail and so erases defects
+  best, but also rebuilds normal texture worst)."""
+  errors = jnp.abs(dets - x[None]).mean(axis=-1)
+  if reduce == 'mean':
+    return errors.mean(axis=0)
+  if reduce == 'max':
+    return errors.max(axis=0)
+  if reduce == 'last':
+    return errors[-1]
+  raise ValueError(f"eval.recursion_reduce must be 'mean', 'max' or 'last', "
+                   f'got {reduce!r}')
 
 
 def predict(params, images, *, nets: train.Networks, config):
@@ -86,8 +101,10 @@ def predict(params, images, *, nets: train.Networks, config):
   if config.eval.scoring == 'crd':
     amap = jax.nn.sigmoid(train.crd_logits(nets, params, dets, x))[..., 0]
   elif config.eval.scoring == 'recursion':
-    amap = gaussian_blur(recursion_error_map(dets, x),
-                         config.eval.get('map_sigma', 0.0))
+    amap = gaussian_blur(
+        recursion_error_map(dets, x,
+                            config.eval.get('recursion_reduce', 'mean')),
+        config.eval.get('map_sigma', 0.0))
   else:
     raise ValueError(f"eval.scoring must be 'crd' or 'recursion', got "
                      f'{config.eval.scoring!r}')

@@ -35,6 +35,8 @@ def validate(config) -> None:
   _choice(d.loader, 'data.loader', ('auto', 'tfdata', 'memory'))
   _choice(d.get('format', 'mvtec'), 'data.format', ('mvtec', 'visa'))
   _choice(e.scoring, 'eval.scoring', ('crd', 'recursion'))
+  _choice(e.get('recursion_reduce', 'mean'), 'eval.recursion_reduce',
+          ('mean', 'max', 'last'))
   _choice(e.image_score, 'eval.image_score', ('max', 'mean'))
   _choice(e.smoothing, 'eval.smoothing', ('box', 'gaussian'))
   _choice(e.get('pixel_resolution', 'ground_truth'), 'eval.pixel_resolution',
