@@ -20,6 +20,16 @@ def _private_cache(tmp_path_factory):
   os.environ['RCAE_JAX_CACHE'] = str(tmp_path_factory.mktemp('cache'))
 
 
+def load_config(name: str):
+  """get_config() of configs/<name>.py, loaded by path as `--config` does."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(REPO, 'configs', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def tiny_config(**overrides):
   """configs/smoke.py (seconds on one CPU core) with dotted overrides."""
   import smoke  # configs/smoke.py  # pylint: disable=g-import-not-at-top

@@ -1,7 +1,6 @@
 """Tests for rcae_jax.flops, rcae_jax.benchmark and configs/benchmark.py."""
 
 import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import load_config
 from rcae_jax import benchmark
 from rcae_jax import flops
 from rcae_jax import train
@@ -20,16 +20,8 @@ from rcae_jax import train
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _benchmark_config():
-  path = os.path.join(REPO, 'configs', 'benchmark.py')
-  spec = importlib.util.spec_from_file_location('configs_benchmark', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def tiny_config():
-  config = _benchmark_config()
+  config = load_config('benchmark')
   m = config.model
   m.depth, m.width, m.num_res_blocks = 2, 4, 1
   m.dpn_width, m.crd_width = 4, 4
@@ -128,7 +120,7 @@ def test_run_benchmark_rejects_bad_size(tmp_path):
 
 
 def test_benchmark_config_paper_model():
-  config = _benchmark_config()
+  config = load_config('benchmark')
   assert config.mode == 'benchmark'
   assert (config.model.depth, config.model.width, config.model.num_res_blocks,
           config.model.dpn_width, config.model.crd_width) == (5, 128, 2, 32, 16)

@@ -1,6 +1,5 @@
 """Tests for rcae_jax.export (StableHLO artefact with a symbolic batch)."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -8,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import load_config
 from rcae_jax import benchmark
 from rcae_jax import evaluate
 from rcae_jax import export
@@ -17,11 +17,7 @@ SIZE = 32
 
 
 def tiny_config():
-  path = os.path.join(REPO, 'configs', 'default.py')
-  spec = importlib.util.spec_from_file_location('configs_default', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_config('default')
   m = config.model
   m.depth, m.width, m.num_res_blocks = 2, 4, 1
   m.dpn_width, m.crd_width = 4, 4

@@ -6,12 +6,13 @@ test if it is ever called sits first on PATH), or for real against a fake
 Cloud even where the SDK is installed.
 """
 
-import importlib.util
 import os
 import shlex
 import subprocess
 
 import pytest
+
+from conftest import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, 'launch')
@@ -381,16 +382,8 @@ def test_gpu_multihost_validation(run_script):
 
 
 # --------------------------------------------------------- configs/tpu.py
-def _load_tpu_config():
-  path = os.path.join(REPO, 'configs', 'tpu.py')
-  spec = importlib.util.spec_from_file_location('rcae_configs_tpu', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def test_tpu_config_paper_settings():
-  config = _load_tpu_config()
+  config = load_config('tpu')
   assert config.model.depth == 5
   assert config.data.image_size == 1024
   assert config.model.width == 128
@@ -410,7 +403,7 @@ def test_tpu_config_paper_settings():
 
 
 def test_tpu_config_steps_follow_overrides():
-  config = _load_tpu_config()
+  config = load_config('tpu')
   config.train.batch_size = 32
   assert config.train.stage1.steps == 1500 * 8
   config.data.assumed_train_images = 209  # bottle
@@ -421,4 +414,4 @@ def test_tpu_config_steps_follow_overrides():
 
 def test_tpu_config_passes_validation():
   from rcae_jax import validate  # pylint: disable=g-import-not-at-top
-  validate.validate(_load_tpu_config())
+  validate.validate(load_config('tpu'))
