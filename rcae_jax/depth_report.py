@@ -18,7 +18,6 @@ import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rcae_jax import evaluate
@@ -28,13 +27,15 @@ from rcae_jax import train
 
 
 def error_maps(params, images, *, nets, use_dpn: bool) -> dict:
-  """[B, N, H, W] channel-mean |I_R^n - I| ('rec') and |I_D^n - I|
-  ('det'), batch axis first for `evaluate.collect`."""
+  """[B, N, H, W] channel-mean |I_R^n - I| ('rec') and, with DPN,
+  |I_D^n - I| ('det'); batch axis first for `evaluate.collect`."""
   x = train.to_float(images)
   recs = train.reconstructions(nets, params, x)
-  dets = train.details(nets, params, recs, x, use_dpn)
-  error = lambda y: jnp.abs(y - x[None]).mean(-1).swapaxes(0, 1)
-  return {'rec': error(recs), 'det': error(dets)}
+  out = {'rec': evaluate.depth_errors(recs, x).swapaxes(0, 1)}
+  if use_dpn:
+    dets = train.details(nets, params, recs, x, use_dpn)
+    out['det'] = evaluate.depth_errors(dets, x).swapaxes(0, 1)
+  return out
 
 
 def summarize(errors: np.ndarray, masks: np.ndarray) -> list[dict]:

@@ -74,6 +74,11 @@ def image_scores(maps: jax.Array, eval_cfg) -> jax.Array:
   return smooth.max(axis=(1, 2))
 
 
+def depth_errors(ys: jax.Array, x: jax.Array) -> jax.Array:
+  """Channel-mean |y^n - I| per depth: [N,B,H,W,C] -> [N,B,H,W]."""
+  return jnp.abs(ys - x[None]).mean(axis=-1)
+
+
 def recursion_error_map(dets: jax.Array, x: jax.Array,
                         reduce: str = 'mean') -> jax.Array:
   """Channel-mean |I_D^n - I| combined over depths: [N,B,H,W,C] -> [B,H,W].
@@ -82,7 +87,7 @@ def recursion_error_map(dets: jax.Array, x: jax.Array,
   (a defect counts where any depth fails to rebuild it), or 'last' (the
   deepest depth alone, which discards most detail and so erases defects
   best, but also rebuilds normal texture worst)."""
-  errors = jnp.abs(dets - x[None]).mean(axis=-1)
+  errors = depth_errors(dets, x)
   if reduce == 'mean':
     return errors.mean(axis=0)
   if reduce == 'max':
