@@ -90,10 +90,15 @@ def get_config() -> ml_collections.ConfigDict:
   model.num_res_blocks = 1
   # Channels of the image-space bottleneck between recursion steps.
   model.bottleneck_channels = 3
-  # Skip connection inside the recursion: the decoder step at resolution r
-  # also sees the encoder output at r (never at full resolution, so no
-  # identity path exists).
+  # Skip connection inside the recursion (paper: skips help; their form is
+  # ours): the first decoder step of depth n > 1 also sees a narrow
+  # projection of the n-th encoder step's features. Never at n = 1 (that
+  # step is the full-resolution one), and narrow, so that depth n still
+  # loses information at each of its n levels: no identity path.
   model.skips = True
+  # Channels of that skip. Lossy while bottleneck + skip < 4 * bottleneck
+  # (a kernel-2 stride-2 level sees 4 input pixels per output position).
+  model.skip_channels = 3
   # Share E and D across depths (the paper's point). False only for the
   # ablation; then parameters grow with N.
   model.share_weights = True
@@ -103,6 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.crd_width = 4
   # How many recursion steps CRD sees (the paper's 1/3/5 ablation); 0 = all N.
   model.crd_steps = 0
+  # Iterative mode: levels of the shared full-resolution autoencoder R.
+  model.iterative_levels = 2
   # Scan the iterative recursion unrolled (True is required for speed on
   # XLA:CPU, jax-ml/jax#12868); rolled is fine on GPU/TPU.
   model.scan_unroll = True

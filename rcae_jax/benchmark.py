@@ -62,7 +62,7 @@ def size_factor(model_cfg) -> int:
   if model_cfg.recursion == 'depth':
     levels = model_cfg.depth
   else:
-    levels = model_cfg.get('iterative_levels', 2)
+    levels = model_cfg.iterative_levels
   return 2 ** max(levels, 4)
 
 

@@ -56,10 +56,18 @@ class ResBlock(nn.Module):
 
 
 class EncoderStep(nn.Module):
-  """E: image-space tensor at r -> image-space tensor at r/2 (+ features)."""
+  """E: image-space tensor at r -> image-space tensor at r/2 (+ skip).
+
+  The skip is a narrow (`skip_channels`) projection of the step's wide
+  features. It must stay narrow: the wide features of a kernel-2 stride-2
+  conv to >= 4 * (input channels) can hold a lossless space-to-depth copy
+  of the step's input, so a wide skip would undo this level's compression
+  (METHOD.md). With code + skip < 4 * input channels the level still loses
+  information (tests/test_models.py checks it through the Jacobian rank)."""
   width: int
   out_channels: int
   num_res_blocks: int = 1
+  skip_channels: int = 0
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -69,7 +77,11 @@ class EncoderStep(nn.Module):
     for _ in range(self.num_res_blocks):
       h = ResBlock(self.width, self.dtype)(h)
     z = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype)(nn.silu(h))
-    return z, h
+    skip = None
+    if self.skip_channels:
+      skip = nn.Conv(self.skip_channels, (1, 1), dtype=self.dtype)(
+          nn.silu(h))
+    return z, skip
 
 
 class DecoderStep(nn.Module):
@@ -106,6 +118,9 @@ class RcAE(nn.Module):
   bottleneck_channels: int = 3
   out_channels: int = 3
   skips: bool = True
+  # Width of the skip (ours): with the 3-channel code, 3 keeps every level
+  # lossy (6 < 4 * 3 values per position reach the decoder).
+  skip_channels: int = 3
   share_weights: bool = True
   recursion: str = 'depth'
   iterative_levels: int = 2
@@ -128,17 +143,22 @@ class RcAE(nn.Module):
       )(levels=self.iterative_levels, width=self.width,
         num_res_blocks=self.num_res_blocks,
         bottleneck_channels=self.bottleneck_channels,
-        out_channels=self.out_channels, skips=self.skips, dtype=self.dtype)
+        out_channels=self.out_channels, skip_channels=self._skip_width(),
+        dtype=self.dtype)
       return
     if self.recursion != 'depth':
       raise ValueError(f'model.recursion must be "depth" or "iterative", got '
                        f'{self.recursion!r}')
     self.encoders = [EncoderStep(self.width, self.bottleneck_channels,
-                                 self.num_res_blocks, self.dtype)
+                                 self.num_res_blocks, self._skip_width(),
+                                 self.dtype)
                      for _ in range(n_modules)]
     self.decoders = [DecoderStep(self.width, self.out_channels,
                                  self.num_res_blocks, self.dtype)
                      for _ in range(n_modules)]
+
+  def _skip_width(self) -> int:
+    return self.skip_channels if self.skips else 0
 
   def _enc(self, level):  # level: 1-based recursion level.
     return self.encoders[0 if self.share_weights else level - 1]
@@ -147,27 +167,35 @@ class RcAE(nn.Module):
     return self.decoders[0 if self.share_weights else level - 1]
 
   def encode(self, x, n):
-    """I_C^1..I_C^n and the wide features of each level."""
-    codes, feats = [], []
+    """I_C^1..I_C^n and the narrow skip of each level (None without)."""
+    codes, skips = [], []
     for level in range(1, n + 1):
-      x, h = self._enc(level)(x)
+      x, skip = self._enc(level)(x)
       codes.append(x)
-      feats.append(h)
-    return codes, feats
+      skips.append(skip)
+    return codes, skips
 
-  def decode(self, code, feat, n):
-    """D^n applied to the level-n code. The skip (ours) hands the deepest
-    encoder's wide features past the 3-channel bottleneck to the FIRST
-    decoder step only: deeper recursions still lose resolution, and no
-    full-resolution feature ever reaches the output (no identity path).
-    Other steps get zeros so one shared D serves every level."""
+  def decode(self, code, skip, n):
+    """D^n applied to the level-n code.
+
+    The skip (ours) hands a narrow projection of the deepest encoder's
+    features past the bottleneck to the FIRST decoder step only, and only
+    for n > 1: at n = 1 that step is the full-resolution one and its skip
+    would be computed from the input itself, an identity path. So depth n
+    sees only what passed n bottlenecks (plus a narrow, lossy skip of the
+    (n-1)-th code). Other steps get zeros so one shared D serves every
+    level."""
     x = code
     for level in range(n, 0, -1):
-      skip = None
-      if self.skips:
-        skip = feat if level == n else _zeros_like_features(x, feat)
-      x = self._dec(level)(x, skip)
+      x = self._dec(level)(x, self._skip_input(x, skip, n, level))
     return x
+
+  def _skip_input(self, x, skip, n, level):
+    if not self.skips:
+      return None
+    if level == n and n > 1:
+      return skip
+    return _zeros(x, self.skip_channels)
 
   def __call__(self, x, depth: int | None = None):
     if self.recursion == 'iterative':
@@ -176,18 +204,18 @@ class RcAE(nn.Module):
       return ys if depth is None else ys[depth - 1]
     self._check_size(x.shape[1:3])
     if depth is not None:
-      codes, feats = self.encode(x, depth)
-      return self.decode(codes[-1], feats[-1], depth).astype(jnp.float32)
-    codes, feats = self.encode(x, self.depth)
+      codes, skips = self.encode(x, depth)
+      return self.decode(codes[-1], skips[-1], depth).astype(jnp.float32)
+    codes, skips = self.encode(x, self.depth)
     if self.batch_decoding:
-      return self.decode_all(codes, feats).astype(jnp.float32)
-    recs = [self.decode(codes[n - 1], feats[n - 1], n)
+      return self.decode_all(codes, skips).astype(jnp.float32)
+    recs = [self.decode(codes[n - 1], skips[n - 1], n)
             for n in range(1, self.depth + 1)]
     return jnp.stack(recs).astype(jnp.float32)
 
-  def decode_all(self, codes, feats):
+  def decode_all(self, codes, skips):
     """All N reconstructions [N, B, H, W, C], the same as stacking
-    `decode(codes[n-1], feats[n-1], n)` for n = 1..N, with one decoder call
+    `decode(codes[n-1], skips[n-1], n)` for n = 1..N, with one decoder call
     per level instead of one per (n, level): at level l every stream with
     n >= l is at the same resolution and goes through the same D^l, so the
     streams are stacked on the batch axis. N calls on up to N*B images
@@ -200,14 +228,15 @@ class RcAE(nn.Module):
     b = codes[0].shape[0]
     x = None  # Streams n = N..l+1, stacked on the batch axis.
     for level in range(self.depth, 0, -1):
-      code, feat = codes[level - 1], feats[level - 1]
+      code = codes[level - 1]
       # Stream n = level starts here, with its skip; older ones get zeros.
       x = code if x is None else jnp.concatenate([x, code], axis=0)
       skip = None
       if self.skips:
         older = x.shape[0] - b
-        skip = feat if not older else jnp.concatenate(
-            [_zeros_like_features(x[:older], feat), feat], axis=0)
+        new = self._skip_input(code, skips[level - 1], level, level)
+        skip = new if not older else jnp.concatenate(
+            [_zeros(x[:older], self.skip_channels), new], axis=0)
       x = self._dec(level)(x, skip)
     # Batch blocks are streams n = N, N-1, ..., 1: reverse to n = 1..N.
     return x.reshape(self.depth, b, *x.shape[1:])[::-1]
@@ -219,36 +248,40 @@ class RcAE(nn.Module):
                        f'{factor} for depth {self.depth}')
 
 
-def _zeros_like_features(x, feat):
-  """Zeros with x's spatial shape and feat's channel count."""
-  return jnp.zeros((*x.shape[:-1], feat.shape[-1]), x.dtype)
+def _zeros(x, channels: int):
+  """Zeros with x's spatial shape and `channels` channels: the skip input of
+  a decoder step that gets none (one shared D serves every level)."""
+  return jnp.zeros((*x.shape[:-1], channels), x.dtype)
 
 
 class _IterativeCell(nn.Module):
-  """One full-resolution pass R(x) = D^L(E^L(x)) of the iterative mode."""
+  """One full-resolution pass R(x) = D^L(E^L(x)) of the iterative mode.
+  The narrow skip reaches the first decoder step only when it is not the
+  full-resolution one (L > 1), as in the depth mode."""
   levels: int
   width: int
   num_res_blocks: int
   bottleneck_channels: int
   out_channels: int
-  skips: bool
+  skip_channels: int
   dtype: Dtype
 
   @nn.compact
   def __call__(self, x, _):
     enc = EncoderStep(self.width, self.bottleneck_channels,
-                      self.num_res_blocks, self.dtype)
+                      self.num_res_blocks, self.skip_channels, self.dtype)
     dec = DecoderStep(self.width, self.out_channels, self.num_res_blocks,
                       self.dtype)
     h = x
     for _ in range(self.levels):
-      h, feat = enc(h)
+      h, skip = enc(h)
     y = h
     for level in range(self.levels, 0, -1):
-      skip = None
-      if self.skips:
-        skip = feat if level == self.levels else _zeros_like_features(y, feat)
-      y = dec(y, skip)
+      skip_in = None
+      if self.skip_channels:
+        skip_in = (skip if level == self.levels and level > 1
+                   else _zeros(y, self.skip_channels))
+      y = dec(y, skip_in)
     return y, y
 
 
@@ -378,10 +411,11 @@ def build_rcae(cfg) -> RcAE:
   return RcAE(depth=cfg.depth, width=cfg.width,
               num_res_blocks=cfg.num_res_blocks,
               bottleneck_channels=cfg.bottleneck_channels, skips=cfg.skips,
+              skip_channels=cfg.skip_channels,
               share_weights=cfg.share_weights, recursion=cfg.recursion,
-              iterative_levels=cfg.get('iterative_levels', 2),
+              iterative_levels=cfg.iterative_levels,
               scan_unroll=cfg.scan_unroll,
-              batch_decoding=cfg.get('batch_decoding', False),
+              batch_decoding=cfg.batch_decoding,
               dtype=jnp.dtype(cfg.dtype))
 
 

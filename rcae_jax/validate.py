@@ -41,11 +41,26 @@ def validate(config) -> None:
   _choice(e.smoothing, 'eval.smoothing', ('box', 'gaussian'))
   _choice(e.get('pixel_resolution', 'ground_truth'), 'eval.pixel_resolution',
           ('ground_truth', 'model'))
+  levels_in_use = m.depth if m.recursion == 'depth' else m.iterative_levels
+  if (m.bottleneck_channels != 3 and levels_in_use > 1 and
+      (m.share_weights or m.recursion == 'iterative')):
+    raise ConfigError(
+        f'config.model.bottleneck_channels={m.bottleneck_channels} needs '
+        'config.model.share_weights=False: a shared encoder step reads both '
+        'the 3-channel image and the previous code, so the code must have '
+        '3 channels too')
+  if m.skips and not 0 < m.skip_channels < 3 * m.bottleneck_channels:
+    raise ConfigError(
+        f'config.model.skip_channels={m.skip_channels} must lie in 1..'
+        f'{3 * m.bottleneck_channels - 1}: bottleneck + skip must stay below '
+        f'4 x bottleneck = {4 * m.bottleneck_channels} values per position, '
+        'or the skip could carry the previous level losslessly (an identity '
+        'path)')
   if m.depth < 1:
     raise ConfigError(f'config.model.depth must be >= 1, got {m.depth}')
-  levels = m.depth if m.recursion == 'depth' else m.get('iterative_levels', 2)
-  # DPN / CRD U-Nets have 4 levels; the recursion halves `levels` times.
-  factor = 2 ** max(levels, 4)
+  # DPN / CRD U-Nets have 4 levels; the recursion halves `levels_in_use`
+  # times.
+  factor = 2 ** max(levels_in_use, 4)
   if d.image_size % factor:
     raise ConfigError(
         f'config.data.image_size={d.image_size} must be divisible by '

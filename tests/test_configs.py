@@ -29,3 +29,18 @@ def test_real_128_only_changes_size_and_crd():
   real.model.crd_width = base.model.crd_width
   real.train.stage3.steps = base.train.stage3.steps
   assert real.to_dict() == base.to_dict()
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('bottleneck_channels', 4, 'share_weights=False'),
+    ('skip_channels', 9, 'identity path'),
+    ('skip_channels', 0, 'skip_channels=0'),
+])
+def test_model_shapes_that_cannot_work_are_refused(field, value, message):
+  """A shared encoder reads the image and the previous code, so both need 3
+  channels (otherwise Flax fails at init with a bare shape error); a skip
+  as wide as 3x the code could carry the previous level losslessly."""
+  config = load_config('default')
+  config.model[field] = value
+  with pytest.raises(validate.ConfigError, match=message):
+    validate.validate(config)

@@ -130,3 +130,37 @@ def test_bad_image_size_is_a_clear_error():
   m = models.RcAE(depth=3, width=4)
   with pytest.raises(ValueError, match='divisible by 2\\*\\*depth'):
     m.init(jax.random.PRNGKey(0), jnp.zeros((1, 36, 36, 3)))
+
+
+def _jacobian_rank(model, params, x, depth):
+  """Rank of d I_R^depth / d I at x: how many independent directions of
+  the input survive to the depth-`depth` reconstruction."""
+  flat = lambda v: model.apply(params, v.reshape(x.shape),
+                               depth=depth).reshape(-1)
+  jac = np.asarray(jax.jacfwd(flat)(x.reshape(-1)), np.float64)
+  s = np.linalg.svd(jac, compute_uv=False)
+  return int((s > s[0] * 1e-4).sum())
+
+
+@pytest.mark.parametrize('skips', [True, False])
+def test_no_identity_path_every_depth_loses_information(skips):
+  """METHOD.md: depth n must lose information n times, and no path may
+  let the decoder copy the input. The Jacobian of the depth-n
+  reconstruction w.r.t. the input factors through whatever reaches the
+  first decoder step, so its rank is bounded by the number of values
+  there: 3 per position at 1/2 size for n = 1 (the code alone), and
+  code + skip (3 + 3) per position at 1/2^n size for n > 1. A wide skip
+  (the bug this guards against: the encoder's 16-channel features, a
+  lossless copy of the step's input) gave depth 1 full rank."""
+  side, depth = 16, 3
+  m = models.RcAE(depth=depth, width=16, num_res_blocks=1, skips=skips)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (1, side, side, 3))
+  params = m.init(jax.random.PRNGKey(1), x)
+  ranks = [_jacobian_rank(m, params, x, n) for n in range(1, depth + 1)]
+  skip = 3 if skips else 0
+  bounds = [3 * (side // 2) ** 2] + [
+      (3 + skip) * (side // 2 ** n) ** 2 for n in range(2, depth + 1)]
+  assert all(r <= b for r, b in zip(ranks, bounds)), (ranks, bounds)
+  assert ranks[0] <= x.size // 4, ranks  # Depth 1 is a 4x compression.
+  # Each deeper level loses more: strictly fewer surviving directions.
+  assert all(a > b for a, b in zip(ranks, ranks[1:])), ranks
