@@ -75,6 +75,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.flip_prob = 0.5
   c.rotate_prob = 0.5
   c.brightness_max = 0.2
+  # Noise-texture anomalies (ours, after DRAEM): the probability that an
+  # anomalous sample gets, instead of the shapes above, blob-shaped regions
+  # of smooth random noise thresholded (a stand-in for Perlin noise) filled
+  # with texture from ANOTHER training image of the batch, shifted and
+  # flipped, blended with opacity in [min_opacity, 1]. Irregular outlines
+  # and plausible texture, closer to real defects than solid shapes. 0: off.
+  c.noise_fraction = 0.0
+  # Noise cell size as a fraction of the image side, drawn log-uniformly:
+  # small cells give many small blobs, large ones few big regions.
+  c.noise_min_cell = 1 / 32
+  c.noise_max_cell = 1 / 2
+  # The blob threshold in standard deviations of the noise field, uniform
+  # in this range: about 16 % (1.0) to 2 % (2.0) of the image is covered.
+  c.noise_threshold = (1.0, 2.0)
   return c
 
 
@@ -104,6 +118,10 @@ def _validate(config) -> Tuple[Tuple[str, ...], Tuple[float, ...]]:
     raise ValueError('min_opacity must lie in (0, 1]')
   if config.min_contrast < 0:
     raise ValueError('min_contrast must be >= 0')
+  if not 0.0 <= config.noise_fraction <= 1.0:
+    raise ValueError('noise_fraction must lie in [0, 1]')
+  if not 0.0 < config.noise_min_cell <= config.noise_max_cell <= 1.0:
+    raise ValueError('need 0 < noise_min_cell <= noise_max_cell <= 1')
   return kinds, weights
 
 
@@ -365,6 +383,50 @@ def synthesize_one(key: jax.Array, image: jax.Array, config
   return out, mask[..., None].astype(jnp.float32)
 
 
+# Noise cell sizes are drawn from these octaves (fractions of the side);
+# a static list keeps every array shape static under jit.
+_OCTAVES = tuple(2.0 ** -k for k in range(0, 8))
+
+
+def smooth_noise(key: jax.Array, h: int, w: int, cell: float) -> jax.Array:
+  """[H, W] zero-mean, unit-variance smooth noise: Gaussian values on a grid
+  of `cell`-sized cells (a fraction of the side), bicubically upsampled."""
+  gh, gw = max(2, round(1 / cell) + 1), max(2, round(1 / cell) + 1)
+  grid = jax.random.normal(key, (gh, gw))
+  field = jax.image.resize(grid, (h, w), method='cubic')
+  return (field - field.mean()) / jnp.maximum(field.std(), 1e-6)
+
+
+def noise_texture_one(key: jax.Array, image: jax.Array, source: jax.Array,
+                      config) -> Tuple[jax.Array, jax.Array]:
+  """One noise-texture anomaly (see `noise_fraction`): blobs where smooth
+  noise exceeds a random threshold, filled with `source` (another training
+  image) rolled by a random offset, maybe flipped, re-brightened, and
+  blended in with a random opacity. Same mask contract as the shapes."""
+  h, w, _ = image.shape
+  k_cell, k_noise, k_u = jax.random.split(key, 3)
+  octaves = [c for c in _OCTAVES
+             if config.noise_min_cell <= c <= config.noise_max_cell] or [
+                 config.noise_max_cell]
+  u = jax.random.uniform(k_u, (7,))
+  fields = jnp.stack([smooth_noise(k_noise, h, w, c) for c in octaves])
+  field = fields[jnp.minimum((u[0] * len(octaves)).astype(jnp.int32),
+                             len(octaves) - 1)]
+  lo, hi = config.noise_threshold
+  region = field > lo + (hi - lo) * u[1]
+  shifted = jnp.roll(source, (jnp.floor(u[2] * h).astype(jnp.int32),
+                              jnp.floor(u[3] * w).astype(jnp.int32)), (0, 1))
+  shifted = jnp.where(u[4] < config.flip_prob, shifted[:, ::-1], shifted)
+  scale = 1.0 + config.brightness_max * (2.0 * u[5] - 1.0)
+  fill = jnp.clip(shifted * scale, 0.0, 1.0)
+  opacity = config.min_opacity + (1.0 - config.min_opacity) * u[6]
+  blended = jnp.clip((1.0 - opacity) * image + opacity * fill, 0.0, 1.0)
+  changed = jnp.any(jnp.abs(blended - image) > CHANGE_EPS, axis=-1)
+  mask = region & changed
+  return (jnp.where(mask[..., None], blended, image),
+          mask[..., None].astype(jnp.float32))
+
+
 def synthesize(key: jax.Array, images: jax.Array, config
                ) -> Tuple[jax.Array, jax.Array]:
   """Batched `synthesize_one` (vmapped; one independent key per sample).
@@ -383,4 +445,20 @@ def synthesize(key: jax.Array, images: jax.Array, config
   _validate(config)
   keys = jax.random.split(key, images.shape[0])
   fn = functools.partial(synthesize_one, config=config)
-  return jax.vmap(fn)(keys, images)
+  out, masks = jax.vmap(fn)(keys, images)
+  if not config.noise_fraction:
+    return out, masks
+  # Texture comes from the next image of the batch (itself at batch 1,
+  # then shifted): other defect-free images, no external texture set.
+  sources = jnp.roll(images, 1, axis=0)
+  noise_fn = functools.partial(noise_texture_one, config=config)
+  n_out, n_masks = jax.vmap(noise_fn)(
+      jax.random.split(jax.random.fold_in(key, 1), images.shape[0]), images,
+      sources)
+  # Clean samples (the shapes path drew them) stay clean.
+  clean = jnp.all(masks == 0, axis=(1, 2, 3), keepdims=True)
+  use_noise = (jax.random.uniform(jax.random.fold_in(key, 2),
+                                  (images.shape[0], 1, 1, 1))
+               < config.noise_fraction) & ~clean
+  return (jnp.where(use_noise, n_out, out),
+          jnp.where(use_noise, n_masks, masks))

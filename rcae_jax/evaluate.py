@@ -265,6 +265,55 @@ def evaluate(params, loader, config, workdir: str, writer=None,
   return report
 
 
+CURVE_KEYS = ('image_auroc', 'pixel_auroc', 'au_pro')
+
+
+def curve_config(config, stage: int):
+  """What a model trained up to `stage` can be scored with: the recursion
+  map without DPN after stage 1, with DPN after stage 2, CRD after 3."""
+  cfg = config.copy_and_resolve_references()
+  if stage < 3:
+    cfg.eval.scoring = 'recursion'
+    cfg.train.stage3.steps = 0
+  if stage < 2:
+    cfg.train.stage2.steps = 0
+  return cfg
+
+
+def make_curve_hook(config, loader):
+  """The `on_eval` hook of train.train_and_checkpoint: test metrics of the
+  parameters so far, as `curve/*` scalars against the global step, with
+  the wall time since the hook was made (learning curves; docs/results.md).
+
+  Model-resolution pixel metrics and no pictures or files, to stay cheap;
+  the final evaluation reports the ground-truth-resolution numbers."""
+  t0 = time.time()
+  predict_fns = {}
+
+  def hook(stage: int, global_step: int, params, writer) -> dict:
+    cfg = curve_config(config, stage)
+    if stage not in predict_fns:
+      predict_fns[stage] = make_predict_fn(cfg)
+    maps, scores, labels, masks, _ = run_predictions(
+        params, loader, cfg, 'test', predict_fns[stage])
+    has_masks = loader.files.has_masks
+    result = metrics_lib.compute_metrics(
+        labels, scores, masks=list(masks.astype(bool)) if has_masks else None,
+        maps=list(maps) if has_masks else None,
+        fpr_limit=config.eval.pro_fpr_limit)
+    point = {f'curve/{k}': float(result[k]) for k in CURVE_KEYS
+             if k in result}
+    point.update({'curve/wall_minutes': (time.time() - t0) / 60,
+                  'curve/stage': stage})
+    logging.info('Curve at stage %d, global step %d: %s', stage, global_step,
+                 ', '.join(f'{k}={v:.4f}' for k, v in point.items()))
+    if jax.process_index() == 0:
+      writer.write_scalars(global_step, point)
+    return point
+
+  return hook
+
+
 def save_pictures(workdir, loader, examples, kept, maps, small_masks, labels,
                   scores, masks, pixel_maps, thresholds, config) -> dict:
   """Panels for the sampled test images and ROC / PRO curves as PNG under

@@ -53,7 +53,9 @@ def run(config, workdir: str) -> dict:
         jax.device_get(train.load_params(config, workdir)), loader, config,
         workdir)
   if config.mode == 'train':
-    params = train.train_and_checkpoint(config, workdir, loader)
+    hook = (evaluate.make_curve_hook(config, loader)
+            if config.eval.every_steps else None)
+    params = train.train_and_checkpoint(config, workdir, loader, hook)
   else:
     if not train.training_complete(workdir):
       logging.warning('%s: training is not finished (no TRAINING_COMPLETE '

@@ -97,11 +97,37 @@ def init_params(nets: Networks, rng: jax.Array, image_size: int) -> dict:
   return {'rcae': rcae, 'dpn': dpn, 'crd': crd}
 
 
+def learning_rate(stage_cfg):
+  """The stage's learning rate: constant (the paper states no schedule), or
+  linear warmup then cosine decay to zero over the stage (ours)."""
+  if stage_cfg.schedule == 'constant':
+    return stage_cfg.learning_rate
+  return optax.warmup_cosine_decay_schedule(
+      0.0, stage_cfg.learning_rate, stage_cfg.warmup_steps,
+      max(stage_cfg.steps, stage_cfg.warmup_steps + 1))
+
+
 def make_optimizer(stage_cfg) -> optax.GradientTransformation:
   """Adam (the paper's optimiser), after global-norm clipping (ours: one bad
   pseudo-anomaly batch must not wreck a long run)."""
-  return optax.chain(optax.clip_by_global_norm(stage_cfg.get('clip_norm', 1.0)),
-                     optax.adam(stage_cfg.learning_rate))
+  return optax.chain(optax.clip_by_global_norm(stage_cfg.clip_norm),
+                     optax.adam(learning_rate(stage_cfg)))
+
+
+def random_crop(x: jax.Array, rng: jax.Array, size: int) -> jax.Array:
+  """An independent random `size` x `size` crop of each image (ours): the
+  networks are fully convolutional, so training on crops of larger images
+  keeps small defects' pixels at the cost per step of the crop size, and
+  inference still runs on the whole image. 0 or a size >= the image's
+  returns x unchanged."""
+  b, h, w, c = x.shape
+  if not size or (size >= h and size >= w):
+    return x
+  ky, kx = jax.random.split(jax.random.fold_in(rng, 0x63726f70))
+  ys = jax.random.randint(ky, (b,), 0, h - size + 1)
+  xs = jax.random.randint(kx, (b,), 0, w - size + 1)
+  return jax.vmap(lambda im, y, x0: jax.lax.dynamic_slice(
+      im, (y, x0, 0), (size, size, c)))(x, ys, xs)
 
 
 # ----------------------------------------------------------- forward parts
@@ -155,12 +181,11 @@ def stage1_loss(nets: Networks, rcae_params, x, depth: int,
 
 
 def stage1_step(state, batch, rng, *, depth, nets, tx,
-                consistency_weight=0.0):
+                consistency_weight=0.0, crop_size=0):
   """`depth` is static: drawn on the host per step (`stage1_depth`). A
   traced depth would need lax.switch, whose convolution gradients run ~25x
   slower on XLA:CPU (measured); one compiled program per depth does not."""
-  del rng
-  x = to_float(batch['image'])
+  x = random_crop(to_float(batch['image']), rng, crop_size)
   loss, grads = jax.value_and_grad(
       lambda p: stage1_loss(nets, p, x, depth, consistency_weight))(
           state.params['rcae'])
@@ -174,9 +199,8 @@ def stage1_depth(seed: int, step: int, max_depth: int) -> int:
   return int(np.random.default_rng([seed, 1, step]).integers(1, max_depth + 1))
 
 
-def stage2_step(state, batch, rng, *, nets, tx):
-  del rng
-  x = to_float(batch['image'])
+def stage2_step(state, batch, rng, *, nets, tx, crop_size=0):
+  x = random_crop(to_float(batch['image']), rng, crop_size)
   recs = reconstructions(nets, state.params, x)  # Constant: not a grad arg.
 
   def loss_fn(dpn_params):
@@ -189,8 +213,9 @@ def stage2_step(state, batch, rng, *, nets, tx):
   return state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
 
 
-def stage3_step(state, batch, rng, *, nets, tx, use_dpn, anomaly_cfg):
-  x = to_float(batch['image'])
+def stage3_step(state, batch, rng, *, nets, tx, use_dpn, anomaly_cfg,
+                crop_size=0):
+  x = random_crop(to_float(batch['image']), rng, crop_size)
   # Pseudo-anomalies are made here, on the device, inside the jitted step.
   x_anom, mask = anomalies.synthesize(rng, x, anomaly_cfg)
   dets = details(nets, state.params, reconstructions(nets, state.params,
@@ -256,15 +281,17 @@ def make_step(config, stage: int, nets: Networks, mesh=None
   `data` axis; XLA inserts the gradient all-reduce."""
   stage_cfg = config.train[f'stage{stage}']
   tx = make_optimizer(stage_cfg)
+  crop = config.train.crop_size
   if stage == 1:
     fn = functools.partial(stage1_step, nets=nets, tx=tx,
-                           consistency_weight=config.train.consistency_weight)
+                           consistency_weight=config.train.consistency_weight,
+                           crop_size=crop)
   elif stage == 2:
-    fn = functools.partial(stage2_step, nets=nets, tx=tx)
+    fn = functools.partial(stage2_step, nets=nets, tx=tx, crop_size=crop)
   else:
     fn = functools.partial(stage3_step, nets=nets, tx=tx,
                            use_dpn=uses_dpn(config),
-                           anomaly_cfg=config.anomalies)
+                           anomaly_cfg=config.anomalies, crop_size=crop)
   guarded = guard_nonfinite(fn, STAGES[stage - 1])
   # Depth (stage 1) is a static positional argument: one program per depth.
   positional = lambda state, batch, rng, health, depth: guarded(
@@ -289,7 +316,7 @@ def make_step(config, stage: int, nets: Networks, mesh=None
 def stage_batch_size(config, stage: int) -> int:
   """Global batch of a stage: its own `batch_size` if set, else the
   shared train.batch_size."""
-  return config.train[f'stage{stage}'].get('batch_size', 0) or (
+  return config.train[f'stage{stage}'].batch_size or (
       config.train.batch_size)
 
 
@@ -488,8 +515,13 @@ def initial_params(nets: Networks, config) -> dict:
 
 
 def train_and_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                         loader: input_pipeline.Loader) -> dict:
+                         loader: input_pipeline.Loader,
+                         on_eval: Optional[Callable] = None) -> dict:
   """Runs (or resumes) all stages; returns the final parameters.
+
+  `on_eval(stage, global_step, params, writer)`, when given, is called every
+  `config.eval.every_steps` steps of each stage and at each stage's end
+  (learning curves; run.py passes evaluate.curve_point).
 
   Raises Preempted (exit code 143) after saving when SIGTERM arrives,
   FloatingPointError on a non-finite step (unless skip_nonfinite) without
@@ -502,13 +534,14 @@ def train_and_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     if ckpt.latest_step() is not None:  # Something to resume: same model?
       check_resume_compatible(config, ckpt.directory)  # Before compiling.
     with StopRequest() as stop:
-      return train_stages(config, loader, writer, ckpt, stop)
+      return train_stages(config, loader, writer, ckpt, stop, on_eval)
   finally:
     ckpt.close()  # Waits for the last write, also when stopping on errors.
     writer.flush()
 
 
-def train_stages(config, loader, writer, ckpt, stop: StopRequest) -> dict:
+def train_stages(config, loader, writer, ckpt, stop: StopRequest,
+                 on_eval: Optional[Callable] = None) -> dict:
   nets = build_networks(config.model)
   params = initial_params(nets, config)
   log_param_counts(params)
@@ -535,7 +568,7 @@ def train_stages(config, loader, writer, ckpt, stop: StopRequest) -> dict:
       params = state.params
       continue
     state, progress = run_stage(config, stage, nets, state, start, progress,
-                                loader, writer, ckpt, stop)
+                                loader, writer, ckpt, stop, on_eval)
     params = state.params
   set_complete(ckpt.directory, progress)
   if stop.signalled:  # Arrived after the last step's check: all is saved.
@@ -555,7 +588,7 @@ def abstract_state(params, stage: int, config) -> TrainState:
 
 
 def run_stage(config, stage, nets, state, start, progress, loader, writer,
-              ckpt, stop=None):
+              ckpt, stop=None, on_eval=None):
   """Steps `start`..steps of one stage; returns (state, progress)."""
   stop = stop or StopRequest()
   steps = config.train[f'stage{stage}'].steps
@@ -602,6 +635,10 @@ def run_stage(config, stage, nets, state, start, progress, loader, writer,
       health = check_health(health, config, stage, done, ckpt)
     if log_now:
       write_step_scalars(writer, stage, global_step, metrics)
+    every = config.eval.every_steps
+    if on_eval is not None and every and (done % every == 0 or done == steps):
+      # Synchronous: the next step donates these parameters' buffers.
+      on_eval(stage, global_step, state.params, writer)
     if save_now:
       progress = {'stage': stage, 'stage_step': done,
                   'global_step': global_step}

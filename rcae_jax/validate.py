@@ -73,6 +73,14 @@ def validate(config) -> None:
     if stage.steps < 0 or stage.learning_rate <= 0:
       raise ConfigError(f'config.train.stage{s}: steps must be >= 0 and '
                         'learning_rate > 0')
+    _choice(stage.schedule, f'train.stage{s}.schedule',
+            ('constant', 'cosine'))
+  if t.crop_size and (t.crop_size > d.image_size or t.crop_size % factor):
+    raise ConfigError(
+        f'config.train.crop_size={t.crop_size} must be at most '
+        f'data.image_size={d.image_size} and divisible by {factor}')
+  if e.every_steps < 0:
+    raise ConfigError('config.eval.every_steps must be >= 0 (0 = off)')
   if t.stage1.steps == 0 and config.mode == 'train':
     raise ConfigError('config.train.stage1.steps must be > 0: every later '
                       'stage builds on the recursive autoencoder')

@@ -169,3 +169,36 @@ def test_invalid_config_raises():
   with pytest.raises(ValueError):
     anomalies.synthesize(jax.random.PRNGKey(0), images,
                          _cfg(kind_weights=(1.0,)))
+
+
+def test_noise_texture_anomalies_keep_the_mask_contract():
+  """Blob-shaped regions filled from another image of the batch: exactly
+  the masked pixels change, every anomalous sample gets some, and the fill
+  comes from elsewhere (not a colour the shapes path could draw)."""
+  cfg = _cfg(noise_fraction=1.0, clean_fraction=0.0)
+  x = _images(32, 40, 3)
+  out, mask = map(np.asarray, _jitted(cfg)(jax.random.PRNGKey(7), x))
+  m = mask[..., 0].astype(bool)
+  assert (m.mean(axis=(1, 2)) > 0).all()
+  changed = np.abs(out - x).max(axis=-1) > anomalies.CHANGE_EPS
+  np.testing.assert_array_equal(changed, m)
+  assert m.mean() < 0.5  # Blobs, not the whole image.
+
+
+def test_noise_fraction_zero_is_the_shapes_path_bit_for_bit():
+  """Adding the noise kind must not change existing runs' anomalies."""
+  x = _images(32, 32, 3)
+  key = jax.random.PRNGKey(3)
+  cfg = _cfg()
+  shapes = jax.vmap(lambda k, im: anomalies.synthesize_one(k, im, cfg))(
+      jax.random.split(key, B), x)
+  for got, want in zip(_jitted(cfg)(key, x), shapes):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_noise_texture_keeps_clean_samples_clean():
+  cfg = _cfg(noise_fraction=1.0, clean_fraction=1.0)
+  x = _images(32, 32, 3)
+  out, mask = _jitted(cfg)(jax.random.PRNGKey(1), x)
+  assert float(jnp.abs(mask).max()) == 0.0
+  np.testing.assert_array_equal(np.asarray(out), x)

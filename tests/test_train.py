@@ -150,3 +150,44 @@ def test_multi_category_run_skips_finished_and_writes_mean(make_config,
   stamp = os.path.getmtime(workdir / 'a' / 'metrics.json')
   assert run_lib.run(config, str(workdir)) == report
   assert os.path.getmtime(workdir / 'a' / 'metrics.json') == stamp
+
+
+def test_random_crop_takes_one_window_per_image():
+  x = jnp.arange(2 * 8 * 8 * 1, dtype=jnp.float32).reshape(2, 8, 8, 1)
+  crops = np.asarray(train.random_crop(x, jax.random.PRNGKey(0), 4))
+  assert crops.shape == (2, 4, 4, 1)
+  for img, crop in zip(np.asarray(x), crops):
+    y0, x0 = np.argwhere(img[..., 0] == crop[0, 0, 0])[0]
+    np.testing.assert_array_equal(img[y0:y0 + 4, x0:x0 + 4], crop)
+  assert train.random_crop(x, jax.random.PRNGKey(0), 0) is x
+
+
+def test_cosine_schedule_warms_up_then_decays(make_config):
+  stage = make_config().train.stage1
+  stage.update(dict(schedule='cosine', warmup_steps=10, steps=100,
+                    learning_rate=1e-3))
+  lr = train.learning_rate(stage)
+  assert lr(0) == 0.0 and abs(lr(10) - 1e-3) < 1e-9
+  assert 0 < lr(55) < 1e-3 and lr(100) < 1e-6
+
+
+def test_learning_curves_are_written_per_stage(make_config, tmp_path):
+  """eval.every_steps scores the test set during training: a point every
+  2 steps and at each stage end, each stage scored with what it has
+  (crops, cosine schedule and noise anomalies switched on as well)."""
+  config = make_config(**{'eval.every_steps': 2, 'train.stage1.steps': 3,
+                          'train.crop_size': 16,
+                          'train.stage1.schedule': 'cosine',
+                          'anomalies.noise_fraction': 0.5,
+                          'eval.export_maps': False,
+                          'eval.pictures_per_type': 0})
+  workdir = tmp_path / 'wd'
+  run_lib.run(config, str(workdir))
+  rows = [json.loads(l) for l in
+          (workdir / 'scalars.jsonl').read_text().splitlines()]
+  points = [(r['step'], r['curve/stage']) for r in rows
+            if 'curve/stage' in r]
+  assert points == [(2, 1), (3, 1), (5, 2), (7, 3)]
+  for r in rows:
+    if 'curve/stage' in r:
+      assert 0 <= r['curve/pixel_auroc'] <= 1 and r['curve/wall_minutes'] > 0
