@@ -113,6 +113,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.dpn_width = 8
   # Base width of the Cross Recursion Detection network (4-level 3D AE).
   model.crd_width = 4
+  # Standardise CRD's inputs per image (ours; rcae_jax/models.py CRD).
+  model.crd_normalize = False
   # How many recursion steps CRD sees (the paper's 1/3/5 ablation); 0 = all N.
   model.crd_steps = 0
   # Iterative mode: levels of the shared full-resolution autoencoder R.

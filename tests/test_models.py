@@ -164,3 +164,28 @@ def test_no_identity_path_every_depth_loses_information(skips):
   assert ranks[0] <= x.size // 4, ranks  # Depth 1 is a 4x compression.
   # Each deeper level loses more: strictly fewer surviving directions.
   assert all(a > b for a, b in zip(ranks, ranks[1:])), ranks
+
+
+def test_crd_normalize_ignores_brightness_and_contrast():
+  """With crd_normalize, CRD sees a dark low-contrast image and its
+  reconstructions exactly as it sees a bright high-contrast copy (the
+  same affine change of every input), so a small grey-level defect on a
+  dark category is not a small signal to it."""
+  crd = models.CRD(width=2, normalize=True)
+  key = jax.random.PRNGKey(0)
+  image = jax.random.uniform(key, (1, 16, 16, 3))
+  dets = jax.random.uniform(jax.random.PRNGKey(1), (2, 1, 16, 16, 3))
+  params = crd.init(key, dets, image)
+  # Zero-initialised heads answer 0 to anything: perturb every weight.
+  leaves, tree = jax.tree.flatten(params)
+  params = jax.tree.unflatten(tree, [
+      p + 0.3 * jax.random.normal(jax.random.PRNGKey(i), p.shape)
+      for i, p in enumerate(leaves)])
+  bright = crd.apply(params, dets, image)
+  dark = crd.apply(params, 0.2 * dets + 0.05, 0.2 * image + 0.05)
+  # Equal up to the 1e-3 guard on the standard deviation.
+  np.testing.assert_allclose(dark, bright, rtol=0.05, atol=0.05)
+  plain = models.CRD(width=2)
+  assert float(jnp.abs(plain.apply(params, 0.2 * dets + 0.05,
+                                   0.2 * image + 0.05) -
+                       plain.apply(params, dets, image)).max()) > 0.1
