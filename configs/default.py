@@ -202,9 +202,16 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ------------------------------------------------------------- predict
   config.predict = pr = ml_collections.ConfigDict()
-  # mode='predict': a folder of images or comma-separated image files.
+  # mode='predict': a folder of images (searched recursively) or
+  # comma-separated folders and image files.
   pr.inputs = ''
-  # Output folder ('' = <workdir>/predictions): <stem>.tiff maps at each
-  # image's own size, <stem>_overlay.png, predictions.csv / .json.
+  # Output folder ('' = <workdir>/predictions): <name>.tiff maps at each
+  # image's own size, <name>.overlay.png, predictions.csv / .json, where
+  # <name> is the input's path relative to the folder given (ours;
+  # rcae_jax/predict_inputs.py).
   pr.output = ''
+  # Append finished rows to predictions.csv, and log progress with an ETA,
+  # at most every this many seconds (ours): what an interrupted run can
+  # lose. 0 = after every batch.
+  pr.flush_seconds = 10.0
   return config
