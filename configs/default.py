@@ -23,7 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # What main does: 'train' (all stages, then evaluate), 'evaluate' (load
   # the latest checkpoint in --workdir and evaluate it), 'predict' (score
-  # new images), 'benchmark' (inference latency) or 'depth_report'
+  # new images), 'export' (write <workdir>/export/: the inference function
+  # as StableHLO for serving without this code; ours), 'benchmark'
+  # (inference latency) or 'depth_report'
   # (per-depth reconstruction errors on defects vs elsewhere, before and
   # after DPN: rcae_jax/depth_report.py).
   config.mode = 'train'
@@ -214,4 +216,12 @@ def get_config() -> ml_collections.ConfigDict:
   # at most every this many seconds (ours): what an interrupted run can
   # lose. 0 = after every batch.
   pr.flush_seconds = 10.0
+
+  # -------------------------------------------------------------- export
+  config.export = ex = ml_collections.ConfigDict()
+  # mode='export': platforms the StableHLO artefact in <workdir>/export/ is
+  # lowered for (ours), any of 'cpu', 'cuda', 'rocm', 'tpu'; () = the
+  # platform the export runs on. E.g. "('cpu', 'cuda')" to export on a CPU
+  # machine for a GPU line.
+  ex.platforms = ()
   return config
