@@ -30,7 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # What main does: 'train' (all stages, then evaluate), 'evaluate' (load
   # the latest checkpoint in --workdir and evaluate it), 'predict' (score
-  # new images), 'benchmark' (inference latency) or 'depth_report'
+  # new images), 'export' (write <workdir>/export/: the inference function
+  # as StableHLO for serving without this code; ours), 'benchmark'
+  # (inference latency) or 'depth_report'
   # (per-depth reconstruction errors on defects vs elsewhere, before and
   # after DPN: rcae_jax/depth_report.py).
   config.mode = 'train'
@@ -217,9 +219,24 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ------------------------------------------------------------- predict
   config.predict = pr = ml_collections.ConfigDict()
-  # mode='predict': a folder of images or comma-separated image files.
+  # mode='predict': a folder of images (searched recursively) or
+  # comma-separated folders and image files.
   pr.inputs = ''
-  # Output folder ('' = <workdir>/predictions): <stem>.tiff maps at each
-  # image's own size, <stem>_overlay.png, predictions.csv / .json.
+  # Output folder ('' = <workdir>/predictions): <name>.tiff maps at each
+  # image's own size, <name>.overlay.png, predictions.csv / .json, where
+  # <name> is the input's path relative to the folder given (ours;
+  # rcae_jax/predict_inputs.py).
   pr.output = ''
+  # Append finished rows to predictions.csv, and log progress with an ETA,
+  # at most every this many seconds (ours): what an interrupted run can
+  # lose. 0 = after every batch.
+  pr.flush_seconds = 10.0
+
+  # -------------------------------------------------------------- export
+  config.export = ex = ml_collections.ConfigDict()
+  # mode='export': platforms the StableHLO artefact in <workdir>/export/ is
+  # lowered for (ours), any of 'cpu', 'cuda', 'rocm', 'tpu'; () = the
+  # platform the export runs on. E.g. "('cpu', 'cuda')" to export on a CPU
+  # machine for a GPU line.
+  ex.platforms = ()
   return config

@@ -11,6 +11,12 @@ outputs, which keeps the artefact and its outputs lean.
 `load_predict` needs only `jax`: this module imports the model code lazily,
 inside `export_predict`.
 
+`config.mode='export'` (`run_export`) writes the shippable folder
+<workdir>/export/: predict.stablehlo (the trained function), model.json
+(what a caller must know: input size and dtype, thresholds, platforms, jax
+version) and serve_export.py, a script that scores a folder of images with
+jax, numpy and Pillow alone (rcae_jax/standalone/serve_export.py).
+
 The artefact is tied to the platforms it was exported for (default: the
 current backend; pass e.g. `platforms=('cpu', 'cuda')` for several) and,
 as any `jax.export` artefact, is loadable by the same or newer jax
@@ -20,6 +26,8 @@ versions within jax's serialization compatibility window.
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from typing import Callable, Sequence
 
 import jax
@@ -63,3 +71,63 @@ def load_predict(path: str) -> Callable[[jax.typing.ArrayLike], dict]:
   batch size compiles once."""
   exported = load_exported(path)
   return jax.jit(exported.call)
+
+
+EXPORT_FOLDER = 'export'
+FUNCTION_FILE = 'predict.stablehlo'
+MODEL_JSON = 'model.json'
+SERVE_SCRIPT = 'serve_export.py'
+# The standalone scorer, shipped as package data so installed copies have it.
+SERVE_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                            'standalone', SERVE_SCRIPT)
+
+
+def _shape(aval) -> list:
+  """Symbolic dimensions by name ('b'), fixed ones as ints."""
+  return [d if isinstance(d, int) else str(d) for d in aval.shape]
+
+
+def describe(exported: jax.export.Exported, config, thresholds: dict) -> dict:
+  """model.json: everything a serving process needs besides the function,
+  read off the artefact itself where it can be (shapes, platforms)."""
+  (image,) = exported.in_avals
+  outputs = exported.out_tree.unflatten(
+      [{'shape': _shape(a), 'dtype': str(a.dtype)}
+       for a in exported.out_avals])
+  return {
+      'function': FUNCTION_FILE,
+      'input': {'shape': _shape(image), 'dtype': str(image.dtype),
+                'meaning': 'RGB images, 0-255, each resized to image_size '
+                           'x image_size with Pillow bilinear resampling'},
+      'outputs': outputs,
+      'image_size': int(config.data.image_size),
+      'input_dtype': str(image.dtype),
+      'thresholds': {k: float(thresholds[k]) for k in
+                     ('image', 'pixel', 'display_min', 'display_max')},
+      'decision': "DEFECT when score >= thresholds['image'], else OK",
+      'scoring': config.eval.scoring,
+      'platforms': list(exported.platforms),
+      'jax_version': jax.__version__,
+      'calling_convention_version': int(exported.calling_convention_version),
+  }
+
+
+def run_export(config, workdir: str) -> dict:
+  """Writes <workdir>/export/ from the latest checkpoint and
+  thresholds.json; returns model.json's contents."""
+  from rcae_jax import predict  # pylint: disable=g-import-not-at-top
+  from rcae_jax import train  # pylint: disable=g-import-not-at-top
+  thresholds = predict.load_thresholds(workdir)
+  params = jax.device_get(train.load_params(config, workdir))
+  out = os.path.join(workdir, EXPORT_FOLDER)
+  exported = export_predict(params, config, os.path.join(out, FUNCTION_FILE),
+                            platforms=config.export.platforms or None)
+  meta = describe(exported, config, thresholds)
+  fileio.write_json_atomic(os.path.join(out, MODEL_JSON), meta)
+  with open(SERVE_SOURCE, 'rb') as f:
+    fileio.write_bytes_atomic(os.path.join(out, SERVE_SCRIPT), f.read())
+  logging.info('Exported to %s for %s (jax %s): run `python %s %s '
+               'IMAGE_FOLDER` where jax, numpy and Pillow are installed',
+               out, ', '.join(meta['platforms']), jax.__version__,
+               os.path.join(out, SERVE_SCRIPT), out)
+  return meta

@@ -57,7 +57,7 @@ def main(argv):
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
   try:
-    run_lib.run(FLAGS.config, FLAGS.workdir)
+    report = run_lib.run(FLAGS.config, FLAGS.workdir)
   except (validate.ConfigError, folder.DataError) as e:
     logging.error('%s', e)
     sys.exit(f'rcae_jax: error: {e}')
@@ -67,6 +67,12 @@ def main(argv):
       raise
     logging.error('%s', hint)
     sys.exit(f'rcae_jax: error: {hint}')
+  if FLAGS.config.mode == 'predict' and report['summary']['error']:
+    # Every readable image is scored and reported; the status says that
+    # some were not, and the last line of stderr says which.
+    from rcae_jax import predict  # pylint: disable=g-import-not-at-top
+    print(f'rcae_jax: {report["message"]}', file=sys.stderr)
+    sys.exit(predict.PARTIAL_FAILURE_EXIT)
 
 
 def out_of_memory_hint(error: Exception):

@@ -45,7 +45,10 @@ def run(config, workdir: str) -> dict:
     return benchmark.run_benchmark(config, workdir)
   if config.mode == 'predict':
     from rcae_jax import predict  # pylint: disable=g-import-not-at-top
-    return {'predictions': predict.predict_files(config, workdir)}
+    return predict.predict_files(config, workdir)
+  if config.mode == 'export':
+    from rcae_jax import export  # pylint: disable=g-import-not-at-top
+    return export.run_export(config, workdir)
   loader = prepare(config, workdir)
   if config.mode == 'depth_report':
     from rcae_jax import depth_report  # pylint: disable=g-import-not-at-top

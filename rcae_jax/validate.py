@@ -7,7 +7,10 @@ the field, not minutes later as a traceback from inside XLA or tf.data.
 from __future__ import annotations
 
 
-MODES = ('train', 'evaluate', 'predict', 'benchmark', 'depth_report')
+MODES = ('train', 'evaluate', 'predict', 'export', 'benchmark',
+         'depth_report')
+# jax.export's names for the platforms an artefact can be lowered for.
+EXPORT_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
 
 class ConfigError(ValueError):
@@ -88,6 +91,11 @@ def validate(config) -> None:
   if config.mode == 'predict' and not config.predict.inputs:
     raise ConfigError("config.mode='predict' needs config.predict.inputs (a "
                       'folder or comma-separated image files)')
+  if config.predict.flush_seconds < 0:
+    raise ConfigError('config.predict.flush_seconds must be >= 0, got '
+                      f'{config.predict.flush_seconds}')
+  for platform in config.export.platforms:
+    _choice(platform, 'export.platforms[]', EXPORT_PLATFORMS)
   if t.log_every < 1 or t.checkpoint_every < 1:
     raise ConfigError('config.train.log_every and checkpoint_every must be '
                       '>= 1')

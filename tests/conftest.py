@@ -47,3 +47,14 @@ def tiny_config(**overrides):
 @pytest.fixture
 def make_config():
   return tiny_config
+
+
+@pytest.fixture(scope='session')
+def trained(tmp_path_factory):
+  """(config, workdir) of the tiny config trained and evaluated once per
+  session: predict, export and depth_report tests read it."""
+  from rcae_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('wd'))
+  config = tiny_config()
+  run_lib.run(config, workdir)
+  return config, workdir

@@ -1,13 +1,16 @@
 """Tests for rcae_jax.export (StableHLO artefact with a symbolic batch)."""
 
 import os
+import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from conftest import load_config
+import test_no_tensorflow
 from rcae_jax import benchmark
 from rcae_jax import evaluate
 from rcae_jax import export
@@ -102,3 +105,126 @@ print('OK')
                         capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0 and 'OK' in proc.stdout, proc.stderr[-3000:]
   assert 'WRONG_SIZE_REJECTED' in proc.stdout
+
+
+# ------------------------------------- export mode and the standalone script
+
+SERVE = os.path.join(REPO, 'rcae_jax', 'standalone', 'serve_export.py')
+# Runs a script with everything but jax, numpy and Pillow (and the standard
+# library) unimportable, as on a production machine with only the export.
+SERVE_RUNNER = '''
+import runpy, sys
+class _Block:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('rcae_jax', 'flax', 'optax', 'orbax',
+                              'tensorflow', 'ml_collections', 'clu', 'absl',
+                              'etils'):
+      raise ModuleNotFoundError('not on the production machine: ' + name)
+sys.meta_path.insert(0, _Block())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+'''
+
+
+def test_serve_script_imports_only_jax_numpy_pillow():
+  import ast  # pylint: disable=g-import-not-at-top
+  tree = ast.parse(open(SERVE).read())
+  names = {a.name.split('.')[0] for n in ast.walk(tree)
+           if isinstance(n, ast.Import) for a in n.names}
+  names |= {n.module.split('.')[0] for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom)}
+  assert names - sys.stdlib_module_names == {'jax', 'numpy', 'PIL'}
+
+
+def _save(path, array):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.fromarray(array).save(path)
+
+
+def test_export_command_and_serve_script_match_predict(trained, tmp_path):
+  """`--config.mode=export` writes the folder; its serve_export.py, run
+  where rcae_jax cannot be imported, gives predict's maps, scores and
+  decisions on the same images (grey, 16-bit, RGBA, odd sizes, equal
+  stems in two folders, one unreadable)."""
+  import csv  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from rcae_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+  config, workdir = trained
+  rng = np.random.default_rng(3)
+  images = tmp_path / 'in'
+  _save(str(images / 'a' / '1.png'), rng.integers(0, 256, (40, 24, 3),
+                                                  np.uint8))
+  _save(str(images / 'b' / '1.png'), rng.integers(0, 256, (32, 32, 4),
+                                                  np.uint8))
+  _save(str(images / 'grey.bmp'), rng.integers(0, 256, (50, 70), np.uint8))
+  _save(str(images / 'deep.png'), rng.integers(0, 65536, (33, 45),
+                                               np.uint16))
+  (images / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n truncated')
+  predict_config = config.copy_and_resolve_references()
+  predict_config.mode = 'predict'
+  predict_config.predict.inputs = str(images)
+  predict_config.predict.output = str(tmp_path / 'predicted')
+  want = {r['name']: r for r in
+          run_lib.run(predict_config, workdir)['predictions']}
+
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  # Export needs no TensorFlow: run it as where none is installed.
+  proc = subprocess.run(
+      [sys.executable, '-c', test_no_tensorflow.BLOCKING_RUNNER,
+       '--config', os.path.join(REPO, 'configs', 'smoke.py'),
+       '--workdir', workdir, '--config.mode=export'],
+      capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = os.path.join(workdir, 'export')
+  assert sorted(os.listdir(out)) == ['model.json', 'predict.stablehlo',
+                                     'serve_export.py']
+  meta = json.load(open(os.path.join(out, 'model.json')))
+  thresholds = json.load(open(os.path.join(workdir, 'thresholds.json')))
+  assert meta['input'] | {'meaning': ''} == {
+      'shape': ['b', 32, 32, 3], 'dtype': 'uint8', 'meaning': ''}
+  assert meta['image_size'] == 32 and meta['input_dtype'] == 'uint8'
+  assert meta['outputs'] == {'map': {'shape': ['b', 32, 32],
+                                     'dtype': 'float32'},
+                             'score': {'shape': ['b'], 'dtype': 'float32'}}
+  assert meta['thresholds']['image'] == thresholds['image']
+  assert meta['thresholds']['pixel'] == thresholds['pixel']
+  assert meta['platforms'] == ['cpu']
+  assert meta['jax_version'] == jax.__version__
+
+  # The folder alone, elsewhere, with a batch size of its own.
+  shipped = tmp_path / 'shipped'
+  shutil.copytree(out, shipped)
+  env.pop('PYTHONPATH')
+  proc = subprocess.run(
+      [sys.executable, '-c', SERVE_RUNNER, str(shipped / 'serve_export.py'),
+       str(shipped), str(images), '--output', str(tmp_path / 'served'),
+       '--batch-size', '3'],
+      capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+  assert proc.returncode == 3, proc.stderr[-3000:]  # broken.png
+  with open(tmp_path / 'served' / 'scores.csv') as f:
+    got = {r['name']: r for r in csv.DictReader(f)}
+  assert sorted(got) == sorted(want) == [
+      'a/1.png', 'b/1.png', 'broken.png', 'deep.png', 'grey.bmp']
+  for name, row in want.items():
+    assert got[name]['decision'] == row['decision'], name
+    if row['decision'] == 'ERROR':
+      continue
+    # Same computation, separately compiled: equal up to float reassociation.
+    np.testing.assert_allclose(float(got[name]['score']), row['score'],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(Image.open(tmp_path / 'served' / f'{name}.tiff')),
+        np.asarray(Image.open(row['map'])), rtol=1e-5, atol=1e-6)
+
+
+def test_export_config_is_validated():
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from rcae_jax import validate  # pylint: disable=g-import-not-at-top
+  validate.validate(tiny_config(**{'mode': 'export',
+                                   'export.platforms': ('cpu', 'cuda')}))
+  with pytest.raises(validate.ConfigError, match='export.platforms'):
+    validate.validate(tiny_config(**{'mode': 'export',
+                                     'export.platforms': ('gpu',)}))

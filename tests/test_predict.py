@@ -3,6 +3,8 @@
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,15 +12,7 @@ from PIL import Image
 
 from rcae_jax import run as run_lib
 from rcae_jax.datasets import folder
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  import conftest  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp('wd'))
-  config = conftest.tiny_config()
-  run_lib.run(config, workdir)
-  return config, workdir
+from test_no_tensorflow import BLOCKING_RUNNER
 
 
 def test_predict_writes_maps_of_each_inputs_size(trained, tmp_path):
@@ -42,7 +36,7 @@ def test_predict_writes_maps_of_each_inputs_size(trained, tmp_path):
     h, w = sizes[os.path.basename(row['file'])]
     amap = np.asarray(Image.open(row['map']))
     assert amap.shape == (h, w) and amap.dtype == np.float32
-    overlay = Image.open(row['map'].replace('.tiff', '_overlay.png'))
+    overlay = Image.open(row['overlay'])
     assert overlay.size == (w, h)
     expected = 'DEFECT' if row['score'] >= thresholds['image'] else 'OK'
     assert row['decision'] == expected
@@ -102,3 +96,165 @@ def test_recursion_error_map_combines_depths():
   np.testing.assert_allclose(got['last'], np.full((2, 2), 0.1))
   with pytest.raises(validate.ConfigError, match='eval.recursion_reduce'):
     validate.validate(conftest.tiny_config(**{'eval.recursion_reduce': 'sum'}))
+
+
+# ------------------------------------------------- production-line predict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _save(path, shape, seed=0):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(np.random.default_rng(seed).integers(
+      0, 255, shape, np.uint8)).save(path)
+
+
+def _truncated_png(path):
+  _save(path, (24, 24, 3), seed=9)
+  data = open(path, 'rb').read()
+  open(path, 'wb').write(data[:len(data) // 2])
+
+
+def test_output_names_keep_relative_paths(tmp_path):
+  from rcae_jax import predict_inputs  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'cam'
+  for rel in ('line1/001.png', 'line2/001.png', '001.png', '001.jpg',
+              '.tmp.png', 'out/old.png'):
+    _save(str(root / rel), (4, 4, 3))
+  names = [x.name for x in predict_inputs.list_inputs(
+      str(root), skip=str(root / 'out'))]
+  # Equal stems stay apart, hidden files and the output folder are skipped.
+  assert names == ['001.jpg', '001.png', 'line1/001.png', 'line2/001.png']
+  # Loose files and several folders: '<folder>-<hash>/' keeps apart equal
+  # names from different folders, and does not depend on the other inputs.
+  other = tmp_path / 'b' / 'cam'
+  _save(str(other / '001.png'), (4, 4, 3))
+  spec = f'{root / "001.png"},{other / "001.png"}'
+  loose = [x.name for x in predict_inputs.list_inputs(spec)]
+  assert len(set(loose)) == 2
+  assert all(n.startswith('cam-') and n.endswith('/001.png') for n in loose)
+  again = predict_inputs.list_inputs(f'{other},{root / "001.png"}')
+  assert again[-1].name == loose[0]
+  assert {x.path for x in again} == {str(root / '001.png'),
+                                     str(other / '001.png')}
+
+
+def test_progress_line_gives_rate_and_eta():
+  from rcae_jax import predict  # pylint: disable=g-import-not-at-top
+  assert predict.progress_line(0, 10, 0, 0.0) == (
+      'Predicted 0/10 images (0 errors)')
+  assert predict.progress_line(1200, 100000, 3, 60.0) == (
+      'Predicted 1,200/100,000 images (3 errors), 20.0 images/s, '
+      'ETA 1h 22m')
+  assert predict.progress_line(10, 40, 0, 5.0).endswith('ETA 0m 15s')
+
+
+def test_report_appends_resumes_and_refuses_another_model(tmp_path):
+  from rcae_jax import predict_report  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / 'predictions.csv')
+  report = predict_report.Report(path, threshold=0.5)
+  report.append([{'file': '/a.png', 'name': 'a.png', 'decision': 'OK',
+                  'score': 0.25, 'threshold': 0.5, 'height': 4, 'width': 6},
+                 {'file': '/b.png', 'name': 'b.png', 'decision': 'ERROR',
+                  'threshold': 0.5, 'error': 'cannot decode,\n"truncated"'}])
+  rows = predict_report.Report(path, 0.5).rows()  # Reopening drops ERROR.
+  assert [r['file'] for r in rows] == ['/a.png']
+  assert rows[0]['score'] == 0.25 and rows[0]['width'] == 6
+  # The machine died inside a write: the torn line is cut off on resume.
+  with open(path, 'a') as f:
+    f.write('/c.png,c.png,DEF')
+  report = predict_report.Report(path, 0.5)
+  assert report.done == {'/a.png'}
+  assert open(path).read().endswith('\n')
+  report.append([{'file': '/c.png', 'name': 'c.png', 'decision': 'DEFECT',
+                  'score': 0.75, 'threshold': 0.5}])
+  assert [r['file'] for r in report.rows()] == ['/a.png', '/c.png']
+  with pytest.raises(folder.DataError, match='image threshold 0.5'):
+    predict_report.Report(path, 0.6)
+
+
+def test_interrupted_predict_keeps_rows_and_rerun_skips_them(
+    trained, tmp_path, monkeypatch):
+  from rcae_jax import predict  # pylint: disable=g-import-not-at-top
+  config, workdir = trained
+  for i in range(4):
+    _save(str(tmp_path / 'in' / f'a{i}.png'), (20, 30, 3), seed=i)
+  _truncated_png(str(tmp_path / 'in' / 'bad.png'))
+  config = config.copy_and_resolve_references()
+  config.mode = 'predict'
+  config.predict.inputs = str(tmp_path / 'in')
+  config.predict.output = str(tmp_path / 'out')
+  config.predict.flush_seconds = 0.0
+  config.eval.batch_size = 2
+  scored, original = [], predict.score_chunk
+
+  def interrupt_second_batch(predict_fn, params, chunk, *args):
+    if len(scored) == 1:
+      raise KeyboardInterrupt
+    scored.append([x.name for x in chunk])
+    return original(predict_fn, params, chunk, *args)
+
+  monkeypatch.setattr(predict, 'score_chunk', interrupt_second_batch)
+  with pytest.raises(KeyboardInterrupt):
+    run_lib.run(config, workdir)
+  csv_path = tmp_path / 'out' / 'predictions.csv'
+  with open(csv_path) as f:
+    assert [r['name'] for r in csv.DictReader(f)] == ['a0.png', 'a1.png']
+
+  def count(predict_fn, params, chunk, *args):
+    scored.append([x.name for x in chunk])
+    return original(predict_fn, params, chunk, *args)
+
+  monkeypatch.setattr(predict, 'score_chunk', count)
+  scored.clear()
+  report = run_lib.run(config, workdir)
+  assert scored == [['a2.png', 'a3.png'], ['bad.png']]
+  assert [r['name'] for r in report['predictions']] == [
+      'a0.png', 'a1.png', 'a2.png', 'a3.png', 'bad.png']
+  assert report['summary']['error'] == 1
+  scored.clear()  # A third run tries the failed image again, only it.
+  report = run_lib.run(config, workdir)
+  assert scored == [['bad.png']]
+  assert len(report['predictions']) == 5
+
+
+def test_predict_command_survives_bad_frames(trained, tmp_path):
+  """From the command line (without TensorFlow): unreadable frames become
+  ERROR rows with the reason, the rest are scored, equal stems keep apart,
+  the reports are written, and the exit status (3) and last line say what
+  failed."""
+  _, workdir = trained
+  inputs = tmp_path / 'in'
+  _save(str(inputs / 'line1' / '001.png'), (40, 50, 3), seed=1)
+  _save(str(inputs / 'line2' / '001.png'), (40, 50, 3), seed=2)
+  _truncated_png(str(inputs / 'line1' / '002.png'))
+  (inputs / 'garbage.jpg').write_bytes(b'\xff\xd8 not a jpeg')
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  # Predict needs no TensorFlow: run it as where none is installed.
+  proc = subprocess.run(
+      [sys.executable, '-c', BLOCKING_RUNNER,
+       '--config', os.path.join(REPO, 'configs', 'smoke.py'),
+       '--workdir', workdir, '--config.mode=predict',
+       f'--config.predict.inputs={inputs}',
+       f'--config.predict.output={tmp_path / "out"}'],
+      capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('rcae_jax: predict: 4 images, ') and (
+      '2 ERROR' in last and 'garbage.jpg' in last), last
+  assert 'Predicted 4/4 images (2 errors)' in proc.stderr
+  with open(tmp_path / 'out' / 'predictions.csv') as f:
+    rows = {r['name']: r for r in csv.DictReader(f)}
+  assert sorted(rows) == ['garbage.jpg', 'line1/001.png', 'line1/002.png',
+                          'line2/001.png']
+  for bad in ('garbage.jpg', 'line1/002.png'):
+    assert rows[bad]['decision'] == 'ERROR' and bad in rows[bad]['error']
+  maps = [np.asarray(Image.open(tmp_path / 'out' / f'{n}.tiff'))
+          for n in ('line1/001.png', 'line2/001.png')]
+  assert maps[0].shape == (40, 50) and not np.array_equal(*maps)
+  assert (tmp_path / 'out' / 'line2' / '001.png.overlay.png').exists()
+  saved = json.load(open(tmp_path / 'out' / 'predictions.json'))
+  assert saved['summary'] == {'images': 4, 'ok': saved['summary']['ok'],
+                              'defect': 2 - saved['summary']['ok'],
+                              'error': 2}
