@@ -184,7 +184,8 @@ def get_config() -> ml_collections.ConfigDict:
   # (reconstruction error across depths; works after stage 1 alone).
   ev.scoring = 'crd'
   # Image score: 'max' of the map after smoothing with `smoothing`
-  # ('box' or 'gaussian', `smoothing_size` pixels), or 'mean'.
+  # ('box' or 'gaussian', `smoothing_size` pixels at the model size: scale
+  # it with data.image_size, as configs/tpu.py does), or 'mean'.
   ev.image_score = 'max'
   ev.smoothing = 'box'
   ev.smoothing_size = 8
