@@ -108,8 +108,8 @@ def predict(params, images, *, nets: train.Networks, config):
   elif config.eval.scoring == 'recursion':
     amap = gaussian_blur(
         recursion_error_map(dets, x,
-                            config.eval.get('recursion_reduce', 'mean')),
-        config.eval.get('map_sigma', 0.0))
+                            config.eval.recursion_reduce),
+        config.eval.map_sigma)
   else:
     raise ValueError(f"eval.scoring must be 'crd' or 'recursion', got "
                      f'{config.eval.scoring!r}')

@@ -44,7 +44,7 @@ def resolve_files(data_cfg, seed: int = 0) -> folder.CategoryFiles:
         n_per_defect=data_cfg.synthetic_test_per_defect)
     return folder.discover(root, synthetic.CATEGORY)
   root = fileio.absolute(root)
-  if data_cfg.get('format', 'mvtec') == 'visa':
+  if data_cfg.format == 'visa':
     if fileio.is_remote(root):
       # Its split CSV names ~10k files that would be checked one by one.
       raise folder.DataError(
@@ -52,7 +52,7 @@ def resolve_files(data_cfg, seed: int = 0) -> folder.CategoryFiles:
           'Copy it first (gcloud storage cp --recursive ...).')
     from rcae_jax.datasets import visa  # pylint: disable=g-import-not-at-top
     return visa.discover_visa(root, data_cfg.category,
-                              data_cfg.get('visa_split_csv') or None)
+                              data_cfg.visa_split_csv or None)
   return folder.discover(root, data_cfg.category)
 
 
@@ -404,7 +404,7 @@ def make_loader(data_cfg, files: folder.CategoryFiles, val=()) -> Loader:
   """Picks the loader named by `data_cfg.loader` ('auto' prefers tf.data).
   `val`: held-out good training images (see split_validation)."""
   choice = data_cfg.loader
-  augment = data_cfg.get('augment', '')
+  augment = data_cfg.augment
   parse_augment(augment)  # Before TensorFlow is imported.
   if choice == 'auto':
     choice = 'tfdata' if tensorflow_available() else 'memory'

@@ -592,7 +592,7 @@ def run_stage(config, stage, nets, state, start, progress, loader, writer,
   """Steps `start`..steps of one stage; returns (state, progress)."""
   stop = stop or StopRequest()
   steps = config.train[f'stage{stage}'].steps
-  mesh = sharding.make_mesh(config.get('mesh', {}).get('num_devices', 0))
+  mesh = sharding.make_mesh(config.mesh.num_devices)
   batch_size = stage_batch_size(config, stage)
   sharding.check_batch(batch_size, mesh)
   step_fn, _ = make_step(config, stage, nets, mesh)
@@ -610,7 +610,7 @@ def run_stage(config, stage, nets, state, start, progress, loader, writer,
   report = writers.progress_reporter(
       progress['global_step'] - start + steps, writer,
       every_steps=config.train.log_every, prefix=f'stage{stage}/')
-  timer = SaveTimer(config.train.get('checkpoint_minutes', 10))
+  timer = SaveTimer(config.train.checkpoint_minutes)
   # Test / debugging knob: sleeps after each step so that tests can kill a
   # run mid-stage. Not for real runs.
   delay = config.train.get('step_delay_s', 0.0)
@@ -665,7 +665,7 @@ def check_health(health, config, stage: int, done: int, ckpt) -> dict:
     return health
   first = int(h['first_nonfinite_step'])
   name = STAGES[stage - 1]
-  if not config.train.get('skip_nonfinite', False):
+  if not config.train.skip_nonfinite:
     ckpt.wait()
     raise FloatingPointError(
         f'non-finite loss or gradient in stage {stage} ({name}) at step '

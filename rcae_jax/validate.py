@@ -36,13 +36,13 @@ def validate(config) -> None:
   _choice(m.recursion, 'model.recursion', ('depth', 'iterative'))
   _choice(m.dtype, 'model.dtype', ('float32', 'bfloat16'))
   _choice(d.loader, 'data.loader', ('auto', 'tfdata', 'memory'))
-  _choice(d.get('format', 'mvtec'), 'data.format', ('mvtec', 'visa'))
+  _choice(d.format, 'data.format', ('mvtec', 'visa'))
   _choice(e.scoring, 'eval.scoring', ('crd', 'recursion'))
-  _choice(e.get('recursion_reduce', 'mean'), 'eval.recursion_reduce',
+  _choice(e.recursion_reduce, 'eval.recursion_reduce',
           ('mean', 'max', 'last'))
   _choice(e.image_score, 'eval.image_score', ('max', 'mean'))
   _choice(e.smoothing, 'eval.smoothing', ('box', 'gaussian'))
-  _choice(e.get('pixel_resolution', 'ground_truth'), 'eval.pixel_resolution',
+  _choice(e.pixel_resolution, 'eval.pixel_resolution',
           ('ground_truth', 'model'))
   levels_in_use = m.depth if m.recursion == 'depth' else m.iterative_levels
   if (m.bottleneck_channels != 3 and levels_in_use > 1 and
