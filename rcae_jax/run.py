@@ -59,6 +59,10 @@ def run(config, workdir: str) -> dict:
     hook = (evaluate.make_curve_hook(config, loader)
             if config.eval.every_steps else None)
     params = train.train_and_checkpoint(config, workdir, loader, hook)
+    if hook is not None and jax.process_index() == 0:
+      from rcae_jax import learning_curves  # pylint: disable=g-import-not-at-top
+      logging.info('Learning curves: %s', learning_curves.write(
+          workdir, title=loader.files.category))
   else:
     if not train.training_complete(workdir):
       logging.warning('%s: training is not finished (no TRAINING_COMPLETE '

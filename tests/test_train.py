@@ -191,3 +191,6 @@ def test_learning_curves_are_written_per_stage(make_config, tmp_path):
   for r in rows:
     if 'curve/stage' in r:
       assert 0 <= r['curve/pixel_auroc'] <= 1 and r['curve/wall_minutes'] > 0
+  # And the picture of them, drawn at the end of training.
+  png = workdir / 'pictures' / 'learning_curves.png'
+  assert png.exists() and png.stat().st_size > 1000
