@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 import orbax.checkpoint as ocp
 
 from rcae_jax import fileio
+from rcae_jax import workdir_lock
 
 
 class Checkpointer:
@@ -41,6 +42,9 @@ class Checkpointer:
         item_names=('state', 'progress'))
 
   def save(self, step: int, state: Any, progress: dict) -> None:
+    # A run whose workdir lock was taken over must not write into the new
+    # holder's checkpoints.
+    workdir_lock.check_held(self.directory)
     # Async: training continues while the previous write finishes.
     self._mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),

@@ -15,6 +15,7 @@ from ml_collections import config_flags
 
 from rcae_jax import run as run_lib
 from rcae_jax import validate
+from rcae_jax import workdir_lock
 from rcae_jax.datasets import folder
 
 FLAGS = flags.FLAGS
@@ -58,7 +59,8 @@ def main(argv):
                jax.process_count(), jax.local_devices())
   try:
     run_lib.run(FLAGS.config, FLAGS.workdir)
-  except (validate.ConfigError, folder.DataError) as e:
+  except (validate.ConfigError, folder.DataError,
+          workdir_lock.WorkdirLocked) as e:
     logging.error('%s', e)
     sys.exit(f'rcae_jax: error: {e}')
   except jax.errors.JaxRuntimeError as e:

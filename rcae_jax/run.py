@@ -15,6 +15,7 @@ from rcae_jax import flops
 from rcae_jax import input_pipeline
 from rcae_jax import train
 from rcae_jax import validate
+from rcae_jax import workdir_lock
 from rcae_jax import writers
 from rcae_jax.datasets import check
 
@@ -35,9 +36,17 @@ def prepare(config, workdir: str):
 
 
 def run(config, workdir: str) -> dict:
-  """Dispatches on config.mode; returns that mode's report."""
+  """Dispatches on config.mode; returns that mode's report.
+
+  Modes that write into the workdir hold its lock throughout
+  (workdir_lock.py): a second run on the same workdir refuses at once."""
   validate.validate(config)  # Before anything is read or compiled.
   fileio.makedirs(workdir)
+  with workdir_lock.held(workdir, config.workdir_lock, config.mode):
+    return dispatch(config, workdir)
+
+
+def dispatch(config, workdir: str) -> dict:
   if config.data.get('categories') and config.mode in ('train', 'evaluate'):
     return run_categories(config, workdir)
   if config.mode == 'benchmark':

@@ -80,6 +80,9 @@ def validate(config) -> None:
   if config.mode == 'predict' and not config.predict.inputs:
     raise ConfigError("config.mode='predict' needs config.predict.inputs (a "
                       'folder or comma-separated image files)')
+  if not config.workdir_lock.stale_minutes > 0:
+    raise ConfigError('config.workdir_lock.stale_minutes must be > 0, got '
+                      f'{config.workdir_lock.stale_minutes}')
   if t.log_every < 1 or t.checkpoint_every < 1:
     raise ConfigError('config.train.log_every and checkpoint_every must be '
                       '>= 1')
