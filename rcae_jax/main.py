@@ -13,6 +13,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from rcae_jax import checkpoints
 from rcae_jax import run as run_lib
 from rcae_jax import validate
 from rcae_jax import workdir_lock
@@ -60,7 +61,7 @@ def main(argv):
   try:
     run_lib.run(FLAGS.config, FLAGS.workdir)
   except (validate.ConfigError, folder.DataError,
-          workdir_lock.WorkdirLocked) as e:
+          workdir_lock.WorkdirLocked, checkpoints.CheckpointError) as e:
     logging.error('%s', e)
     sys.exit(f'rcae_jax: error: {e}')
   except jax.errors.JaxRuntimeError as e:
