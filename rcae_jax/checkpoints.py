@@ -20,6 +20,10 @@ the time to recompute. When no checkpoint restores, it raises
 CheckpointError naming every path it tried: never a silent start from
 scratch.
 
+A save that fails (a full disk, a quota) raises CheckpointWriteError,
+which names the newest complete checkpoint: the failed one never became a
+step folder, so that one is intact and a rerun resumes from it.
+
 Other files in the folder (train.py's model_config.json and
 TRAINING_COMPLETE, `<step>.damaged`) are not step names, so Orbax ignores
 them.
@@ -44,6 +48,10 @@ DAMAGED_SUFFIX = '.damaged'
 
 class CheckpointError(RuntimeError):
   """No checkpoint of the folder can be restored; the message lists them."""
+
+
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written; says which one is intact."""
 
 
 def complete_steps(directory: str) -> list[int]:
@@ -82,17 +90,45 @@ class Checkpointer:
     # A run whose workdir lock was taken over must not write into the new
     # holder's checkpoints.
     workdir_lock.check_held(self.directory)
-    # Async: training continues while the previous write finishes.
-    saved = self._mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        progress=ocp.args.JsonSave(progress)))
+    # Async: training continues while the previous write finishes (its
+    # errors surface here, at the next save, in wait() or in close()).
+    saved = self._storage_errors_named(step, self._mngr.save, step,
+                                       args=ocp.args.Composite(
+                                           state=ocp.args.StandardSave(state),
+                                           progress=ocp.args.JsonSave(
+                                               progress)))
     if not saved:  # Orbax skips steps at or below its latest: say so.
       logging.warning('Checkpoint step %d in %s was not saved: Orbax holds a '
                       'step at or after it (%s).', step, self.directory,
                       self._mngr.latest_step())
 
   def wait(self) -> None:
-    self._mngr.wait_until_finished()
+    self._storage_errors_named(None, self._mngr.wait_until_finished)
+
+  def _storage_errors_named(self, step: Optional[int], fn, *args, **kwargs):
+    """fn(*args, **kwargs), with storage errors (OSError; tensorstore
+    reports a full disk as ValueError text) raised as CheckpointWriteError;
+    any other error as it is."""
+    try:
+      return fn(*args, **kwargs)
+    except Exception as e:  # pylint: disable=broad-except
+      if not (isinstance(e, OSError) or fileio.disk_full(e)):
+        raise
+      raise self._write_error(step, e) from e
+
+  def _write_error(self, step: Optional[int],
+                   error: BaseException) -> CheckpointWriteError:
+    intact = complete_steps(self.directory)
+    where = f' (step {step} or the one before it)' if step else ''
+    full = ('The disk is full: free space or point --workdir elsewhere. '
+            if fileio.disk_full(error) else '')
+    kept = (f'The newest complete checkpoint, {self.directory}/{intact[0]}, '
+            'is intact and a rerun of the same command resumes from it.'
+            if intact else 'No complete checkpoint exists yet: a rerun '
+            'starts from the beginning.')
+    return CheckpointWriteError(
+        f'could not write a checkpoint in {self.directory}{where}: '
+        f'{_one_line(error)}. {full}{kept}')
 
   def latest_step(self) -> Optional[int]:
     return self._mngr.latest_step()
@@ -191,5 +227,8 @@ class Checkpointer:
     self._mngr.reload()
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    try:
+      self.wait()
+    finally:
+      # Orbax raises a failed background write again here.
+      self._storage_errors_named(None, self._mngr.close)

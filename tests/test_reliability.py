@@ -5,6 +5,7 @@ a scheduler would, and demands bit-identical parameters and metrics on CPU
 against an uninterrupted run started alongside it.
 """
 
+import errno
 import json
 import os
 import random
@@ -20,9 +21,11 @@ import numpy as np
 import pytest
 
 from rcae_jax import checkpoints
+from rcae_jax import fileio
 from rcae_jax import run as run_lib
 from rcae_jax import train
 from rcae_jax import validate
+from rcae_jax import writers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8  # Stage 1 only: the smallest run that evaluates.
@@ -440,11 +443,63 @@ def test_no_restorable_checkpoint_stops_naming_every_path(tmp_path):
   assert sorted(os.listdir(directory)) == ['1', '2', '3']  # All left alone.
 
 
-def test_run_with_a_damaged_latest_checkpoint_goes_on_from_the_previous(
-    env, reference, tmp_path, caplog):
-  """Resumes from the step before the damaged one and ends with the
-  parameters of the run that was never damaged (to float rounding: this
-  process runs XLA with 8 fake devices, the reference with one)."""
+# ---------------------------------------------------------------- full disk
+
+
+def disk_full_inside(monkeypatch, part: str):
+  """Writes through epath (Orbax's metadata and JSON items) to a path that
+  contains `part` fail as on a full disk."""
+  from etils.epath import abstract_path  # pylint: disable=g-import-not-at-top
+  real = abstract_path.Path.write_text
+
+  def write_text(self, *args, **kwargs):
+    if part in os.fspath(self):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(self))
+    return real(self, *args, **kwargs)
+
+  monkeypatch.setattr(abstract_path.Path, 'write_text', write_text)
+
+
+def test_checkpoint_save_on_a_full_disk_names_the_intact_one(
+    tmp_path, monkeypatch):
+  directory = str(tmp_path / 'ckpt')
+  ckpt = checkpoints.Checkpointer(directory, keep=3)
+  for step in (1, 2):
+    ckpt.save(step, {'w': jnp.full(4, float(step))},
+              {'stage': 1, 'stage_step': step, 'global_step': step})
+  ckpt.wait()
+  disk_full_inside(monkeypatch, '/3.orbax-checkpoint-tmp')
+  with pytest.raises(checkpoints.CheckpointWriteError) as e:
+    ckpt.save(3, {'w': jnp.full(4, 3.0)},
+              {'stage': 1, 'stage_step': 3, 'global_step': 3})
+    ckpt.wait()  # The write is async: its error surfaces here at the latest.
+  message = str(e.value)
+  assert 'No space left on device' in message
+  assert 'The disk is full' in message and '\n' not in message
+  assert (f'The newest complete checkpoint, {directory}/2, is intact and a '
+          'rerun of the same command resumes from it.') in message
+  with pytest.raises(checkpoints.CheckpointWriteError):
+    ckpt.close()  # The run stops: Orbax raises the failure again.
+  assert sorted(os.listdir(directory)) == ['1', '2', '3.orbax-checkpoint-tmp']
+  monkeypatch.undo()  # Space freed; the rerun:
+  ckpt = checkpoints.Checkpointer(directory, keep=3)
+  progress, state = ckpt.restore_latest(_abstract)
+  assert progress['global_step'] == 2
+  np.testing.assert_array_equal(state['w'], np.full(4, 2.0))
+  ckpt.save(3, {'w': jnp.full(4, 3.0)},
+            {'stage': 1, 'stage_step': 3, 'global_step': 3})
+  ckpt.close()
+  assert sorted(os.listdir(directory)) == ['1', '2', '3']
+
+
+def test_training_goes_on_past_a_damaged_checkpoint_stops_on_a_full_disk(
+    env, reference, tmp_path, monkeypatch, caplog):
+  """One resumed run meets both (two in-process trainings, not three):
+  the latest checkpoint is damaged, so it resumes from the one before and
+  trains on; the disk is full when it saves, so it stops naming the intact
+  checkpoint; the rerun resumes there and ends with the parameters of the
+  run that met neither (to float rounding: this process runs XLA with 8
+  fake devices, the reference with one)."""
   straight = reference()
   workdir = tmp_path / 'wd'
   shutil.copytree(straight / 'checkpoints', workdir / 'checkpoints')
@@ -452,16 +507,147 @@ def test_run_with_a_damaged_latest_checkpoint_goes_on_from_the_previous(
   _truncate_data(str(workdir / 'checkpoints' / str(STEPS)))
   config = subprocess_config()
   loader = run_lib.prepare(config, str(workdir))
+  disk_full_inside(monkeypatch, f'/{STEPS}.orbax-checkpoint-tmp')
   with caplog.at_level('INFO'):
-    params = train.train_and_checkpoint(config, str(workdir), loader)
+    with pytest.raises(checkpoints.CheckpointWriteError) as e:
+      train.train_and_checkpoint(config, str(workdir), loader)
   assert (f'Fell back to checkpoint {workdir}/checkpoints/{STEPS - 1}' in
           caplog.text)
   assert f'Resuming from checkpoint at stage 1 step {STEPS - 1}' in (
       caplog.text)
-  assert saved_steps(workdir) == [STEPS - 1, STEPS]
+  assert 'No space left on device' in str(e.value)
+  assert (f'The newest complete checkpoint, {workdir}/checkpoints/'
+          f'{STEPS - 1}, is intact') in str(e.value)
+  assert saved_steps(workdir) == [STEPS - 1]
   assert (workdir / 'checkpoints' / f'{STEPS}.damaged').is_dir()
+  assert not train.training_complete(str(workdir))
+  json.loads((workdir / 'config.json').read_text())  # Earlier outputs.
+  for line in (workdir / 'scalars.jsonl').read_text().splitlines():
+    json.loads(line)
+  monkeypatch.undo()  # Space freed: the same command again.
+  caplog.clear()
+  with caplog.at_level('INFO'):
+    params = train.train_and_checkpoint(config, str(workdir), loader)
+  assert f'Resuming from checkpoint at stage 1 step {STEPS - 1}' in (
+      caplog.text)
+  assert saved_steps(workdir) == [STEPS - 1, STEPS]
   assert train.training_complete(str(workdir))
   expected = train.load_params(config, str(straight))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-6),
                params, expected)
+
+
+def test_output_write_on_a_full_disk_keeps_the_old_file(tmp_path,
+                                                        monkeypatch):
+  path = tmp_path / 'metrics.json'
+  fileio.write_json_atomic(path, {'pixel_auroc': 0.9})
+  real_open = open
+
+  class FullDisk:
+    def __init__(self, name, mode):
+      self.name, self.f = name, real_open(name, mode)
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      self.f.close()
+
+    def write(self, data):
+      self.f.write(data[:3])
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(fileio, 'open', FullDisk, raising=False)
+  with pytest.raises(fileio.WriteError) as e:
+    fileio.write_json_atomic(path, {'pixel_auroc': 0.1})
+  assert str(e.value) == (
+      f'could not write {path}: No space left on device (the disk is full: '
+      'free space, then rerun); its previous version, if any, is unchanged')
+  assert json.loads(path.read_text()) == {'pixel_auroc': 0.9}
+  assert os.listdir(tmp_path) == ['metrics.json']  # No temp file left.
+
+
+def test_scalars_log_cut_short_is_repaired_on_resume(tmp_path):
+  """A full disk (or a kill) can leave half a row; the resumed run's rows
+  must not be glued to it."""
+  path = tmp_path / 'scalars.jsonl'
+  path.write_text('{"step": 1}\n{"step": 2}\n{"st')
+  w = writers.JsonlWriter(str(tmp_path))
+  w.write_scalars(3, {'loss': 0.5})
+  w.close()
+  rows = [json.loads(l) for l in path.read_text().splitlines()]
+  assert [r['step'] for r in rows] == [1, 2, 3]
+
+
+def tmpfs_available(where) -> bool:
+  """A private mount namespace with a small tmpfs: root, or a kernel that
+  lets users mount in their own namespaces. Not on every machine."""
+  if not shutil.which('unshare'):
+    return False
+  os.makedirs(where, exist_ok=True)
+  probe = subprocess.run(
+      ['unshare', '-m', '--propagation', 'private', 'sh', '-c',
+       f'mount -t tmpfs -o size=1m tmpfs {where}'],
+      capture_output=True, check=False)
+  return probe.returncode == 0
+
+
+FULL_DISK_SCRIPT = r'''
+set -u
+mount -t tmpfs -o size=64m tmpfs "$MNT"
+"$@" --workdir "$MNT/wd" --config.train.step_delay_s=0.5 > "$OUT/first.log" 2>&1 &
+run=$!
+until [ -d "$MNT/wd/checkpoints/2" ] || ! kill -0 $run 2>/dev/null; do
+  sleep 0.05
+done
+dd if=/dev/zero of="$MNT/filler" bs=64k 2>/dev/null  # Until ENOSPC.
+wait $run
+echo $? > "$OUT/first.rc"
+cp -a "$MNT/wd" "$OUT/after_full"
+rm "$MNT/filler"
+"$@" --workdir "$MNT/wd" > "$OUT/rerun.log" 2>&1
+echo $? > "$OUT/rerun.rc"
+cp -a "$MNT/wd" "$OUT/after_rerun"
+'''
+
+
+def test_real_full_disk_stops_in_one_line_and_the_rerun_resumes(env,
+                                                                 tmp_path):
+  """The real thing where the machine allows it: the workdir on a 64 MiB
+  tmpfs that fills up mid-training (everything else stays on the normal
+  disk)."""
+  mnt = tmp_path / 'mnt'
+  if not tmpfs_available(mnt):
+    pytest.skip('cannot mount a tmpfs in a private mount namespace here')
+  out = tmp_path / 'out'
+  out.mkdir()
+  args = [sys.executable, '-m', 'rcae_jax.main', '--config', env['config']]
+  args += [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
+  subprocess.run(
+      ['unshare', '-m', '--propagation', 'private', 'bash', '-c',
+       FULL_DISK_SCRIPT, 'full_disk', *args],
+      env=dict(env['env'], MNT=str(mnt), OUT=str(out)), check=True,
+      timeout=600)
+  first = (out / 'first.log').read_text()
+  assert (out / 'first.rc').read_text().strip() == '1', first[-3000:]
+  last = first.strip().splitlines()[-1]
+  assert last.startswith('rcae_jax: error: '), first[-3000:]
+  assert 'No space left on device' in last or 'disk is full' in last, last
+  # What the failed run left is readable: its newest complete checkpoint
+  # restores, and the files written before are whole.
+  full = out / 'after_full'
+  kept = saved_steps(full)[-1]
+  assert 2 <= kept < STEPS, first[-3000:]
+  train.load_params(subprocess_config(), str(full))
+  json.loads((full / 'config.json').read_text())
+  for line in (full / 'scalars.jsonl').read_text().splitlines()[:-1]:
+    json.loads(line)  # (Its last line may be torn: repaired on resume.)
+  rerun = (out / 'rerun.log').read_text()
+  assert (out / 'rerun.rc').read_text().strip() == '0', rerun[-3000:]
+  assert f'Resuming from checkpoint at stage 1 step {kept}' in rerun
+  done = out / 'after_rerun'
+  assert train.training_complete(str(done))
+  assert json.loads((done / 'metrics.json').read_text())
+  for line in (done / 'scalars.jsonl').read_text().splitlines():
+    json.loads(line)
