@@ -26,7 +26,8 @@ def prepare(config, workdir: str):
   logging.info('Data: %s/%s, %d train, %d test images', files.root,
                files.category, len(files.train), len(files.test))
   if config.data.get('check_files', True):
-    check.validate_category(files, workers=config.data.num_workers)
+    check.validate_category(files, workers=config.data.num_workers,
+                            image_size=config.data.image_size)
   train_files, val = input_pipeline.split_validation(
       files, config.data.get('val_fraction', 0.0), config.seed)
   loader = input_pipeline.make_loader(config.data, train_files, val)
