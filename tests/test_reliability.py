@@ -25,6 +25,7 @@ from rcae_jax import fileio
 from rcae_jax import run as run_lib
 from rcae_jax import train
 from rcae_jax import validate
+from rcae_jax import workdir_lock
 from rcae_jax import writers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,6 +166,7 @@ def test_sigkill_then_sigterm_then_resume_is_bit_identical(env, reference):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not train.training_complete(str(workdir))
+  assert (workdir / workdir_lock.LOCK_NAME).exists()  # Nobody removed it.
   # 2. Resume; SIGTERM (preemption) once it has saved a later step.
   proc = start(env, workdir, delay=0.3)
   wait_for_step(proc, workdir, above=saved_steps(workdir)[-1])
@@ -173,6 +175,11 @@ def test_sigkill_then_sigterm_then_resume_is_bit_identical(env, reference):
   log = log_of(workdir)
   assert 'Preempted (SIGTERM): saved a checkpoint at stage 1 step' in log
   assert 'Traceback' not in log
+  # The killed run's lock was taken over (its pid is gone); this one
+  # released its own on the way out.
+  assert 'Taking over the lock of workdir' in log
+  assert 'that process no longer exists' in log
+  assert not (workdir / workdir_lock.LOCK_NAME).exists()
   stopped_at = saved_steps(workdir)[-1]
   assert killed_after < stopped_at <= STEPS, (killed_after, stopped_at)
   assert not train.training_complete(str(workdir))
