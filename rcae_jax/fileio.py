@@ -51,8 +51,8 @@ def disk_full(error: Optional[BaseException]) -> bool:
 
 def write_error(path: PathLike, error: BaseException) -> WriteError:
   """The WriteError for a failed write of `path`."""
-  cause = error.strerror if isinstance(error, OSError) and error.strerror \
-      else str(error)
+  cause = (error.strerror if isinstance(error, OSError) and error.strerror
+           else str(error))
   full = ' (the disk is full: free space, then rerun)' if disk_full(
       error) else ''
   out = WriteError(f'could not write {os.fspath(path)}: {cause}{full}; its '

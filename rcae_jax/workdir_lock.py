@@ -226,10 +226,15 @@ class Lock:
     record = dict(self.record, heartbeat_unix=now or time.time())
     try:
       generation = _write_if(self._store, record, self._generation)
-      if generation is None:  # Someone else wrote the key.
+      if generation is None:  # The key changed since we wrote it.
         current = self._store.read(LOCK_NAME).result()
-        self.lost_to = (_parse(current.value) if current.state == 'value'
-                        else {})
+        found = _parse(current.value) if current.state == 'value' else {}
+        if (found or {}).get('token') == self.record['token']:
+          # Still our record (its generation moved, e.g. a copy of the
+          # bucket): carry on from the new generation.
+          self._generation = current.stamp.generation
+          return True
+        self.lost_to = found or {}
         logging.error('The lock on workdir %s was taken over (now: %s): '
                       'this run writes no further checkpoint.', self.workdir,
                       holder(self.lost_to or {}))
@@ -309,7 +314,9 @@ def held(workdir: str, lock_cfg, mode: str):
   if jax.process_index() == 0:
     try:
       lock = acquire(workdir, lock_cfg)
-    except WorkdirLocked as e:
+    except Exception as e:  # pylint: disable=broad-except
+      # Raised after the broadcast: the other processes must not wait for
+      # it (a storage error as much as a held lock).
       error = e
   if jax.process_count() > 1:
     ok = multihost_utils.broadcast_one_to_all(np.int32(lock is not None))
