@@ -175,6 +175,21 @@ def get_config() -> ml_collections.ConfigDict:
   # 0 = every device JAX sees; n = the first n (e.g. 1 to debug).
   config.mesh.num_devices = 0
 
+  # One run per workdir (ours; rcae_jax/workdir_lock.py): train, evaluate
+  # and depth_report hold <workdir>/RUN_LOCK.json, so a second run on the
+  # same workdir refuses with one line naming the first.
+  config.workdir_lock = ml_collections.ConfigDict()
+  # (ours) False: no lock, e.g. on storage without conditional writes.
+  config.workdir_lock.enabled = True
+  # (ours) A lock written on another machine (or whose host cannot be
+  # checked, e.g. a gs:// workdir used from a new VM) is stale once its
+  # holder has not renewed it for this many minutes (it renews every
+  # stale_minutes / 5). A holder on this machine is checked by its pid.
+  config.workdir_lock.stale_minutes = 10.0
+  # (ours) Take over a stale lock. Off by default: only the user can know
+  # that a run which stopped renewing its lock is really gone.
+  config.workdir_lock.take_over = False
+
   # Pseudo-anomaly synthesis for stage 3 (see rcae_jax/anomalies.py).
   config.anomalies = anomalies.default_config()
 

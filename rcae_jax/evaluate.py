@@ -238,6 +238,11 @@ def evaluate(params, loader, config, workdir: str, writer=None,
         np.concatenate([m.ravel() for m in masks]),
         np.concatenate([m.ravel() for m in pixel_maps]), thresholds['pixel'])
   result = {k: float(v) for k, v in result.items()}
+  if 'image_auroc' not in result:
+    logging.warning('The test set holds %s images only: image AUROC (and '
+                    'without defective images AP and F1) is undefined and '
+                    'left out of metrics.json.',
+                    'defective' if labels.all() else 'good')
   logging.info('Evaluation of %d test images in %.1f s: %s', len(labels),
                time.time() - t0,
                ', '.join(f'{k}={v:.4f}' for k, v in sorted(result.items())))

@@ -15,14 +15,50 @@ instead (see there).
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
-from typing import Union
+from typing import Optional, Union
 
 from etils import epath
 
 PathLike = Union[str, os.PathLike]
+
+# errno values that mean "no room left", whatever the storage.
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class WriteError(OSError):
+  """A write that failed (full disk, quota, permissions), in one line that
+  names the file and says that its previous version is intact."""
+
+
+def disk_full(error: Optional[BaseException]) -> bool:
+  """True if `error`, or an error it was raised from, says that the disk
+  (or quota) is full. tensorstore reports such errors as text."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _FULL:
+      return True
+    text = str(error)
+    if any(os.strerror(code) in text for code in _FULL):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def write_error(path: PathLike, error: BaseException) -> WriteError:
+  """The WriteError for a failed write of `path`."""
+  cause = (error.strerror if isinstance(error, OSError) and error.strerror
+           else str(error))
+  full = ' (the disk is full: free space, then rerun)' if disk_full(
+      error) else ''
+  out = WriteError(f'could not write {os.fspath(path)}: {cause}{full}; its '
+                   'previous version, if any, is unchanged')
+  out.errno = getattr(error, 'errno', None)
+  return out
 
 
 def is_remote(path: PathLike) -> bool:
@@ -105,6 +141,17 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
   part: local via a temp file in the same folder + os.replace (same file
   system, so the rename is atomic), remote by one object upload."""
   path = os.fspath(path)
+  try:
+    _write_atomic(path, data)
+  except WriteError:
+    raise
+  except OSError as e:
+    # A full disk must stop the run with the file named, not a traceback
+    # from deep inside the writer (README, Preemption and reliability).
+    raise write_error(path, e) from e
+
+
+def _write_atomic(path: str, data: bytes) -> None:
   if is_remote(path):
     p = epath.Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +165,8 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
       f.write(data)
     os.replace(tmp, path)
   except BaseException:
-    # Also on KeyboardInterrupt: never leave the temp file behind.
+    # Also on KeyboardInterrupt: never leave the temp file behind (on a
+    # full disk it would hold the last free blocks).
     if os.path.exists(tmp):
       os.remove(tmp)
     raise

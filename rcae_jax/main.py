@@ -13,8 +13,11 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from rcae_jax import checkpoints
+from rcae_jax import fileio
 from rcae_jax import run as run_lib
 from rcae_jax import validate
+from rcae_jax import workdir_lock
 from rcae_jax.datasets import folder
 
 FLAGS = flags.FLAGS
@@ -58,11 +61,13 @@ def main(argv):
                jax.process_count(), jax.local_devices())
   try:
     report = run_lib.run(FLAGS.config, FLAGS.workdir)
-  except (validate.ConfigError, folder.DataError) as e:
+  except ONE_LINE_ERRORS as e:
     logging.error('%s', e)
     sys.exit(f'rcae_jax: error: {e}')
-  except jax.errors.JaxRuntimeError as e:
-    hint = out_of_memory_hint(e)
+  except Exception as e:  # pylint: disable=broad-except
+    hint = disk_full_hint(e, FLAGS.workdir) or (
+        out_of_memory_hint(e) if isinstance(e, jax.errors.JaxRuntimeError)
+        else None)
     if hint is None:
       raise
     logging.error('%s', hint)
@@ -73,6 +78,26 @@ def main(argv):
     from rcae_jax import predict  # pylint: disable=g-import-not-at-top
     print(f'rcae_jax: {report["message"]}', file=sys.stderr)
     sys.exit(predict.PARTIAL_FAILURE_EXIT)
+
+
+# Errors whose message is the whole story: one line, no traceback.
+ONE_LINE_ERRORS = (validate.ConfigError, folder.DataError,
+                   workdir_lock.WorkdirLocked, checkpoints.CheckpointError,
+                   checkpoints.CheckpointWriteError, fileio.WriteError)
+
+
+def disk_full_hint(error: Exception, workdir: str):
+  """One line for a full disk met by a write that is not ours to wrap
+  (TensorBoard's writer, a library's cache), else None."""
+  if not fileio.disk_full(error):
+    return None
+  steps = checkpoints.complete_steps(os.path.join(workdir, 'checkpoints'))
+  kept = (f'the newest complete checkpoint is {workdir}/checkpoints/'
+          f'{steps[0]}' if steps else 'no checkpoint was complete yet')
+  first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return (f'the disk is full ({first[:200]}). Files written before are '
+          f'unchanged and {kept}: free space and rerun the same command to '
+          'resume.')
 
 
 def out_of_memory_hint(error: Exception):

@@ -348,16 +348,20 @@ def compute_metrics(
     fpr_limit: FPR integration limit for AU-PRO.
 
   Returns:
-    image_auroc, image_ap, image_f1_max and, if masks are given and contain
-    both defect and defect-free pixels, pixel_auroc, pixel_ap, pixel_f1_max,
-    au_pro. Pixel metrics are skipped otherwise (e.g. a good-only subset),
-    because they are undefined there, rather than failing the whole eval.
+    image_auroc (if both classes are present), image_ap and image_f1_max
+    (if any image is anomalous) and, if masks are given and contain both
+    defect and defect-free pixels, pixel_auroc, pixel_ap, pixel_f1_max,
+    au_pro. Metrics that are undefined for the data (a test set of good
+    images only, say) are left out rather than failing the whole eval,
+    which runs after training.
   """
-  out = {
-      "image_auroc": auroc(image_labels, image_scores),
-      "image_ap": average_precision(image_labels, image_scores),
-      "image_f1_max": f1_max(image_labels, image_scores)[0],
-  }
+  y = np.asarray(image_labels).reshape(-1) != 0
+  out = {}
+  if y.any() and not y.all():
+    out["image_auroc"] = auroc(image_labels, image_scores)
+  if y.any():
+    out["image_ap"] = average_precision(image_labels, image_scores)
+    out["image_f1_max"] = f1_max(image_labels, image_scores)[0]
   if masks is None:
     return out
   if maps is None:

@@ -15,6 +15,7 @@ from rcae_jax import flops
 from rcae_jax import input_pipeline
 from rcae_jax import train
 from rcae_jax import validate
+from rcae_jax import workdir_lock
 from rcae_jax import writers
 from rcae_jax.datasets import check
 
@@ -24,10 +25,11 @@ def prepare(config, workdir: str):
   files = input_pipeline.resolve_files(config.data, seed=config.seed)
   logging.info('Data: %s/%s, %d train, %d test images', files.root,
                files.category, len(files.train), len(files.test))
-  if config.data.get('check_files', True):
-    check.validate_category(files, workers=config.data.num_workers)
+  if config.data.check_files:
+    check.validate_category(files, workers=config.data.num_workers,
+                            image_size=config.data.image_size)
   train_files, val = input_pipeline.split_validation(
-      files, config.data.get('val_fraction', 0.0), config.seed)
+      files, config.data.val_fraction, config.seed)
   loader = input_pipeline.make_loader(config.data, train_files, val)
   if jax.process_index() == 0:
     train.save_config(config, workdir, files)
@@ -35,10 +37,18 @@ def prepare(config, workdir: str):
 
 
 def run(config, workdir: str) -> dict:
-  """Dispatches on config.mode; returns that mode's report."""
+  """Dispatches on config.mode; returns that mode's report.
+
+  Modes that write into the workdir hold its lock throughout
+  (workdir_lock.py): a second run on the same workdir refuses at once."""
   validate.validate(config)  # Before anything is read or compiled.
   fileio.makedirs(workdir)
-  if config.data.get('categories') and config.mode in ('train', 'evaluate'):
+  with workdir_lock.held(workdir, config.workdir_lock, config.mode):
+    return dispatch(config, workdir)
+
+
+def dispatch(config, workdir: str) -> dict:
+  if config.data.categories and config.mode in ('train', 'evaluate'):
     return run_categories(config, workdir)
   if config.mode == 'benchmark':
     from rcae_jax import benchmark  # pylint: disable=g-import-not-at-top

@@ -96,6 +96,9 @@ def validate(config) -> None:
                       f'{config.predict.flush_seconds}')
   for platform in config.export.platforms:
     _choice(platform, 'export.platforms[]', EXPORT_PLATFORMS)
+  if not config.workdir_lock.stale_minutes > 0:
+    raise ConfigError('config.workdir_lock.stale_minutes must be > 0, got '
+                      f'{config.workdir_lock.stale_minutes}')
   if t.log_every < 1 or t.checkpoint_every < 1:
     raise ConfigError('config.train.log_every and checkpoint_every must be '
                       '>= 1')

@@ -40,6 +40,7 @@ class JsonlWriter:
           self._path) else []
       self._dirty = False
     else:
+      drop_torn_line(self._path)
       self._f = open(self._path, 'a', encoding='utf-8')
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
@@ -50,14 +51,20 @@ class JsonlWriter:
       self._rows.append(line)
       self._dirty = True
     else:
-      self._f.write(line)
+      try:
+        self._f.write(line)
+      except OSError as e:  # The buffer spilled onto a full disk.
+        raise fileio.write_error(self._path, e) from e
 
   def write_images(self, step, images):
     del step, images
 
   def flush(self):
     if not self._remote:
-      self._f.flush()
+      try:
+        self._f.flush()
+      except OSError as e:  # A full disk: one clear line, not a traceback.
+        raise fileio.write_error(self._path, e) from e
     elif self._dirty:
       fileio.write_text_atomic(self._path, ''.join(self._rows))
       self._dirty = False
@@ -66,6 +73,22 @@ class JsonlWriter:
     self.flush()
     if not self._remote:
       self._f.close()
+
+
+def drop_torn_line(path: str) -> None:
+  """Cuts a last line that lacks its newline (a write cut short by a full
+  disk or a kill), so that rows appended by the resumed run start on a line
+  of their own and every line stays one JSON object."""
+  if not os.path.exists(path):
+    return
+  with open(path, 'rb+') as f:
+    data = f.read()
+    if not data or data.endswith(b'\n'):
+      return
+    keep = data.rfind(b'\n') + 1
+    f.truncate(keep)
+  logging.warning('%s: dropped a torn last line of %d bytes', path,
+                  len(data) - keep)
 
 
 class _PlainLoggingWriter:

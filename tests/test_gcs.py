@@ -20,6 +20,7 @@ import shutil
 
 import numpy as np
 import pytest
+import tensorstore as ts
 from etils.epath import backend as epath_backend
 from etils.epath import gpath
 
@@ -29,6 +30,7 @@ from rcae_jax import export_maps
 from rcae_jax import fileio
 from rcae_jax import input_pipeline
 from rcae_jax import run as run_lib
+from rcae_jax import workdir_lock
 from rcae_jax import writers
 from rcae_jax.datasets import decode
 from rcae_jax.datasets import folder
@@ -87,6 +89,11 @@ def gcs(tmp_path, monkeypatch):
                       dict(gpath._PREFIX_TO_BACKEND, gs=fake))
   # With TensorFlow installed epath would pick tf.io.gfile for gs://.
   monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)
+  # The workdir lock talks to tensorstore's gcs driver (network): give it
+  # the fake bucket's folder, through tensorstore's file driver.
+  monkeypatch.setattr(workdir_lock, 'open_store', lambda workdir: (
+      ts.KvStore.open({'driver': 'file',
+                       'path': fake.local(workdir) + '/'}).result()))
   cwd = tmp_path / 'cwd'
   cwd.mkdir()
   monkeypatch.chdir(cwd)
@@ -181,6 +188,7 @@ def test_main_run_with_gcs_workdir_and_data(gcs, tmp_path, monkeypatch):
           'thresholds.json', 'model_report.json', 'pictures',
           'checkpoints'} <= names, names
   assert os.path.exists(os.path.join(out, 'checkpoints', 'TRAINING_COMPLETE'))
+  assert not os.path.exists(os.path.join(out, workdir_lock.LOCK_NAME))
   metrics = fileio.read_json('gs://bucket/run/metrics.json')
   category = config.data.category
   assert metrics[category]['image_auroc'] == report[category]['image_auroc']

@@ -11,19 +11,25 @@ reads only as much as it needs to find broken files quickly:
 - masks: a full decode (they are small), needed anyway to see whether a
   defective image's mask has any foreground.
 
-Errors (unreadable, truncated or non-image files, masks whose size differs
-from their image) raise one `folder.DataError` listing up to 10 of them and
-the total. Warnings (empty masks of defective images, ignored non-image
-files) are logged with counts and returned in the `Report`, never dropped.
+Errors (empty, unreadable, truncated or non-image files, broken links,
+masks whose size differs from their image) raise one `folder.DataError`:
+one line naming the file and the problem when there is one, else the
+count and up to 10 of them. Warnings (empty masks of defective images,
+masks that are not binary, images smaller than the model input, ignored
+non-image files) are logged with counts and returned in the `Report`,
+never dropped. docs/reliability.md tabulates every case and its test.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import io
 import logging
+import os
 from typing import Optional
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from rcae_jax import fileio
@@ -52,6 +58,15 @@ class Report:
   empty_mask_examples: list[str] = dataclasses.field(default_factory=list)
   ignored: int = 0  # non-image files found in the category folders
   ignored_examples: list[str] = dataclasses.field(default_factory=list)
+  # Masks with more than one non-zero value (anti-aliased, JPEG-compressed):
+  # every value above zero counts as defect, which may widen the defect.
+  non_binary_masks: int = 0
+  non_binary_mask_examples: list[str] = dataclasses.field(
+      default_factory=list)
+  # Images smaller than the model input (`image_size`): upsampled.
+  small: int = 0
+  small_examples: list[str] = dataclasses.field(default_factory=list)
+  image_size: Optional[int] = None
 
   @property
   def warnings(self) -> list[str]:
@@ -63,6 +78,15 @@ class Report:
     if self.ignored:
       out.append(f'{self.ignored} non-image file(s) ignored, e.g. '
                  f'{", ".join(self.ignored_examples)}')
+    if self.non_binary_masks:
+      out.append(f'{self.non_binary_masks} mask(s) hold more than one '
+                 'non-zero value (anti-aliased or JPEG-compressed?); every '
+                 'value above 0 counts as defect, e.g. '
+                 f'{", ".join(self.non_binary_mask_examples)}')
+    if self.small:
+      out.append(f'{self.small} image(s) are smaller than data.image_size='
+                 f'{self.image_size} px on a side and will be upsampled, e.g. '
+                 f'{", ".join(self.small_examples)}')
     return out
 
 
@@ -78,13 +102,35 @@ class _Result:
   mode: str = ''
   error: Optional[str] = None
   has_foreground: bool = True
+  binary: bool = True
 
 
-def _describe(e: BaseException) -> str:
-  if isinstance(e, UnidentifiedImageError):
-    return 'not an image Pillow can identify (wrong extension or corrupt)'
+def _is_empty(path: str, source) -> bool:
+  if isinstance(source, io.BytesIO):
+    return not source.getbuffer().nbytes
+  try:
+    return os.path.getsize(path) == 0
+  except OSError:
+    return False
+
+
+def _describe(e: BaseException, path: str, source=None) -> str:
+  """The problem with `path`, in words a user can act on."""
+  if isinstance(e, PermissionError):
+    return 'permission denied: this user cannot read it'
+  if isinstance(e, IsADirectoryError):
+    return 'a folder with an image name, not an image file'
   if isinstance(e, FileNotFoundError):
+    if not fileio.is_remote(path) and os.path.islink(path):
+      return (f'broken symbolic link to {os.readlink(path)!r}, which does '
+              'not exist')
     return 'file does not exist'
+  if isinstance(e, Image.DecompressionBombError):
+    return f'too many pixels to decode safely ({e})'
+  if isinstance(e, UnidentifiedImageError):
+    if _is_empty(path, source):
+      return 'empty file (0 bytes)'
+    return 'not an image Pillow can identify (wrong extension or corrupt)'
   text = str(e) or type(e).__name__
   if 'truncat' in text.lower():
     return f'truncated file ({text})'
@@ -93,8 +139,10 @@ def _describe(e: BaseException) -> str:
 
 def _check_image(path: str) -> _Result:
   res = _Result(path)
+  source = None
   try:
-    with Image.open(fileio.image_source(path)) as img:
+    source = fileio.image_source(path)
+    with Image.open(source) as img:
       res.size, res.mode = img.size, img.mode
       if img.format == 'PNG':
         img.verify()
@@ -103,19 +151,25 @@ def _check_image(path: str) -> _Result:
           img.draft(img.mode, (1, 1))  # Smallest DCT scale: reads all data.
         img.load()
   except _ERRORS as e:
-    res.error = _describe(e)
+    res.error = _describe(e, path, source)
   return res
 
 
 def _check_mask(path: str) -> _Result:
   res = _Result(path)
+  source = None
   try:
-    with Image.open(fileio.image_source(path)) as img:
+    source = fileio.image_source(path)
+    with Image.open(source) as img:
       res.size, res.mode = img.size, img.mode
       img.load()
-      res.has_foreground = img.convert('L').getbbox() is not None
+      # The same reading as decode.load_mask: any value above 0 is defect.
+      counts = np.bincount(np.asarray(img.convert('L')).ravel(),
+                           minlength=256)[1:]  # O(pixels), no sort.
+      res.has_foreground = bool(counts.any())
+      res.binary = np.count_nonzero(counts) <= 1
   except _ERRORS as e:
-    res.error = _describe(e)
+    res.error = _describe(e, path, source)
   return res
 
 
@@ -125,9 +179,12 @@ def _check_test(ex: folder.TestExample) -> tuple[_Result, Optional[_Result]]:
   return image, mask
 
 
-def validate_category(files: folder.CategoryFiles, workers: int = 4) -> Report:
-  """Checks every file of `files` once; DataError lists the broken ones."""
-  report = Report(category=files.category)
+def validate_category(files: folder.CategoryFiles, workers: int = 4,
+                      image_size: Optional[int] = None) -> Report:
+  """Checks every file of `files` once; DataError lists the broken ones.
+
+  `image_size`: the model input; smaller images are reported (upsampled)."""
+  report = Report(category=files.category, image_size=image_size)
   errors: list[tuple[str, str]] = []
 
   def add_image(res: _Result) -> None:
@@ -135,6 +192,9 @@ def validate_category(files: folder.CategoryFiles, workers: int = 4) -> Report:
     if res.error is not None:
       errors.append((res.path, res.error))
       return
+    if image_size and min(res.size) < image_size:
+      report.small += 1
+      _note(report.small_examples, res.path)
     if res.mode in _GREY_MODES:
       report.grey += 1
       _note(report.grey_examples, res.path)
@@ -162,6 +222,9 @@ def validate_category(files: folder.CategoryFiles, workers: int = 4) -> Report:
       if ex.label and not mask.has_foreground:
         report.empty_masks += 1
         _note(report.empty_mask_examples, mask.path)
+      if not mask.binary:
+        report.non_binary_masks += 1
+        _note(report.non_binary_mask_examples, mask.path)
 
   for path in files.ignored:
     report.ignored += 1
@@ -175,11 +238,13 @@ def validate_category(files: folder.CategoryFiles, workers: int = 4) -> Report:
                  report.sixteen_bit, report.num_images)
 
   if errors:
+    head = (f'{len(errors)} unusable file(s) in category {files.category!r} '
+            f'under {files.root!r}:')
+    if len(errors) == 1:  # One line, as every other bad-input message.
+      raise folder.DataError(f'{head} {errors[0][0]}: {errors[0][1]}')
     lines = [f'  {path}: {problem}' for path, problem in errors[:MAX_LISTED]]
     more = len(errors) - MAX_LISTED
     if more > 0:
       lines.append(f'  ... and {more} more')
-    raise folder.DataError(
-        f'{len(errors)} unusable file(s) in category {files.category!r} '
-        f'under {files.root!r}:\n' + '\n'.join(lines))
+    raise folder.DataError(head + '\n' + '\n'.join(lines))
   return report

@@ -52,9 +52,20 @@ def is_image(name: str) -> bool:
   return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _listdir(folder: str) -> list[str]:
+  """fileio.listdir, with an unreadable folder as one clear line."""
+  try:
+    return fileio.listdir(folder)
+  except PermissionError as e:
+    raise DataError(f'cannot list {folder!r}: permission denied (this user '
+                    'cannot read the folder)') from e
+  except OSError as e:
+    raise DataError(f'cannot list {folder!r}: {e}') from e
+
+
 def _list_images(folder: str) -> tuple[list[str], list[str]]:
   images, ignored = [], []
-  for name in sorted(fileio.listdir(folder)):
+  for name in sorted(_listdir(folder)):
     path = os.path.join(folder, name)
     if name.startswith('.'):
       continue
@@ -71,7 +82,7 @@ def _mask_index(gt_dir: str) -> dict[str, str]:
   index = {}
   if not fileio.isdir(gt_dir):
     return index
-  for name in fileio.listdir(gt_dir):
+  for name in _listdir(gt_dir):
     if not is_image(name):
       continue
     stem = os.path.splitext(name)[0]
@@ -89,7 +100,7 @@ def discover(root: str, category: str) -> CategoryFiles:
                     'category folders)')
   cat_dir = os.path.join(root, category)
   if not fileio.isdir(cat_dir):
-    found = sorted(d for d in fileio.listdir(root)
+    found = sorted(d for d in _listdir(root)
                    if fileio.isdir(os.path.join(root, d)))
     raise DataError(f'category {category!r} not found in {root!r}; '
                     f'folders there: {found or "none"}')
@@ -108,7 +119,7 @@ def discover(root: str, category: str) -> CategoryFiles:
   test: list[TestExample] = []
   missing_masks: list[str] = []
   any_mask = False
-  for defect in sorted(fileio.listdir(test_dir)):
+  for defect in sorted(_listdir(test_dir)):
     defect_dir = os.path.join(test_dir, defect)
     if not fileio.isdir(defect_dir):
       ignored.append(defect_dir)
