@@ -1,0 +1,49 @@
+"""The CPU recipe for a real category: the full method in under an hour.
+
+One config for every category. The only thing to choose is what you know
+about your parts: textures (grid, carpet, a surface seen from above, any
+orientation is normal) take `--config.data.augment=hflip,vflip,rot90`;
+objects with a fixed pose keep the default (no augmentation).
+
+Command (from the repository root; any MVTec-layout category):
+
+    python -m rcae_jax.main --config configs/cpu_real.py --workdir DIR \
+      --config.data.root=../shared/data/mvtec_grid --config.data.category=grid \
+      --config.data.augment=hflip,vflip,rot90
+
+Add `--config.eval.every_steps=200` for learning curves
+(DIR/pictures/learning_curves.png; about 1-2 min more).
+
+What it is: configs/real_128.py (128 px, N = 4, width 16, DPN width 8, CRD
+width 8, 600 stage-3 steps) with stage 1 trained 1500 steps instead of
+1000, chosen by the screening study in docs/results.md ("Accuracy study on
+real categories"), where every lever tried and its row, losing ones
+included, are listed with the selection rule written before the
+confirming run.
+
+Hardware and expected result, measured on the 2-core AMD EPYC CPU dev
+machine, 2026-11-30, seed 0, with the texture augmentation and
+`--config.eval.every_steps=200`: see docs/results.md, "Confirming run",
+for MVTec-AD grid's image / pixel AUROC, AU-PRO and wall time. Far below
+the paper's numbers and below the issue-14 targets: 128 px, a 17k-parameter
+RcAE and ~100 stage-1 epochs instead of 1024 px and 1500 epochs
+(configs/tpu.py is the paper-sized setting).
+"""
+
+import os
+import sys
+
+import ml_collections
+
+# configs/ is not a package: derived configs import the base by path, so
+# `--config configs/<name>.py` works from anywhere.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import real_128  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = real_128.get_config()
+  # Stage 1 (RcAE) steps of 16 images: ~100 epochs of grid's 238 training
+  # images; stage 1 costs ~0.6 s a step here, a fifth of a stage-3 step.
+  config.train.stage1.steps = 1500
+  return config
