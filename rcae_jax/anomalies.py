@@ -391,8 +391,8 @@ _OCTAVES = tuple(2.0 ** -k for k in range(0, 8))
 def smooth_noise(key: jax.Array, h: int, w: int, cell: float) -> jax.Array:
   """[H, W] zero-mean, unit-variance smooth noise: Gaussian values on a grid
   of `cell`-sized cells (a fraction of the side), bicubically upsampled."""
-  gh, gw = max(2, round(1 / cell) + 1), max(2, round(1 / cell) + 1)
-  grid = jax.random.normal(key, (gh, gw))
+  side = max(2, round(1 / cell) + 1)  # Grid points per side.
+  grid = jax.random.normal(key, (side, side))
   field = jax.image.resize(grid, (h, w), method='cubic')
   return (field - field.mean()) / jnp.maximum(field.std(), 1e-6)
 
@@ -404,7 +404,7 @@ def noise_texture_one(key: jax.Array, image: jax.Array, source: jax.Array,
   image) rolled by a random offset, maybe flipped, re-brightened, and
   blended in with a random opacity. Same mask contract as the shapes."""
   h, w, _ = image.shape
-  k_cell, k_noise, k_u = jax.random.split(key, 3)
+  k_noise, k_u = jax.random.split(key)
   octaves = [c for c in _OCTAVES
              if config.noise_min_cell <= c <= config.noise_max_cell] or [
                  config.noise_max_cell]
