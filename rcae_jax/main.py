@@ -1,5 +1,6 @@
 """Command line: python -m rcae_jax.main --config configs/X.py --workdir DIR."""
 
+import logging as std_logging
 import os
 import sys
 
@@ -62,22 +63,33 @@ def main(argv):
   try:
     report = run_lib.run(FLAGS.config, FLAGS.workdir)
   except ONE_LINE_ERRORS as e:
-    logging.error('%s', e)
-    sys.exit(f'rcae_jax: error: {e}')
+    fail(str(e))
   except Exception as e:  # pylint: disable=broad-except
     hint = disk_full_hint(e, FLAGS.workdir) or (
         out_of_memory_hint(e) if isinstance(e, jax.errors.JaxRuntimeError)
         else None)
     if hint is None:
       raise
-    logging.error('%s', hint)
-    sys.exit(f'rcae_jax: error: {hint}')
+    fail(hint)
   if FLAGS.config.mode == 'predict' and report['summary']['error']:
     # Every readable image is scored and reported; the status says that
     # some were not, and the last line of stderr says which.
     from rcae_jax import predict  # pylint: disable=g-import-not-at-top
     print(f'rcae_jax: {report["message"]}', file=sys.stderr)
     sys.exit(predict.PARTIAL_FAILURE_EXIT)
+
+
+def fail(message: str) -> None:
+  """Exits with `message` as the last line of stderr.
+
+  A failed checkpoint write leaves Orbax's other asyncio writes failing with
+  the same cause; the event loop logs them ("Task exception was never
+  retrieved") when it is collected at exit, after our line. They say nothing
+  new, so they are silenced here, on the way out only."""
+  logging.error('%s', message)
+  std_logging.getLogger('asyncio').disabled = True
+  sys.unraisablehook = lambda unraisable: None
+  sys.exit(f'rcae_jax: error: {message}')
 
 
 # Errors whose message is the whole story: one line, no traceback.
