@@ -64,21 +64,6 @@ def get_config() -> ml_collections.ConfigDict:
   # (parameter shapes do not depend on it); the timed sizes are below.
   config.data.image_size = 256
 
-  config.benchmark = bench = ml_collections.ConfigDict()
-  # Square input sizes to time (each divisible by 2**max(model.depth, 4)).
-  bench.image_sizes = (256, 1024)
-  # Batch sizes to time at every size and dtype.
-  bench.batch_sizes = (1, 8, 16, 32)
-  # Compute dtypes (model.dtype); parameters stay float32 in both.
-  bench.dtypes = ('float32', 'bfloat16')
-  # Untimed calls after compiling, per mode.
-  bench.warmup = 5
-  # Timed calls per mode; p50 / p90 / p99 / mean are taken over these.
-  bench.iters = 50
-  # 'device': uint8 inputs already on the device, outputs left there;
-  # 'end_to_end': host numpy uint8 batch in, numpy map and score out.
-  bench.modes = ('device', 'end_to_end')
-  # A trained workdir whose latest checkpoint supplies the weights;
-  # '' = random weights (speed does not depend on the values).
-  bench.checkpoint_workdir = ''
+  # What is timed: config.benchmark in configs/default.py (sizes 256 and
+  # 1024, batches 1-32, float32 and bfloat16, device and end to end).
   return config

@@ -17,10 +17,10 @@ dots, counted from the traced function) and the achieved TFLOP/s, the
 compiled executable's memory (XLA's memory_analysis) and the device's
 process-wide peak memory when the backend reports it (None on CPU).
 
-Weights are random (`random_params`: `train.init_params`'s shapes, values
-drawn on the host) unless `config.benchmark.checkpoint_workdir` names a
-trained workdir; speed does not depend on the values. `config.model.dtype` is set per row; parameters
-stay float32 (the modules cast them).
+Weights are random (`random_params`: `inference.init_params`'s shapes,
+values drawn on the host) unless `config.benchmark.checkpoint_workdir` names
+a trained workdir; speed does not depend on the values. `config.model.dtype`
+is set per row; parameters stay float32 (the modules cast them).
 
 `<workdir>/benchmark.json` is rewritten atomically after every
 (size, dtype, batch) combination with `"complete": false` until the sweep
@@ -43,13 +43,13 @@ import time
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from rcae_jax import fileio
+from rcae_jax import checkpoints
 from rcae_jax import evaluate
+from rcae_jax import fileio
 from rcae_jax import flops as flops_lib
-from rcae_jax import train
+from rcae_jax import inference
 from rcae_jax import validate
 
 MODES = ('device', 'end_to_end')
@@ -64,19 +64,6 @@ def size_factor(model_cfg) -> int:
   else:
     levels = model_cfg.iterative_levels
   return 2 ** max(levels, 4)
-
-
-def benchmark_config(config) -> ml_collections.ConfigDict:
-  """`config.benchmark` with defaults for the fields it does not set."""
-  defaults = ml_collections.ConfigDict(dict(
-      image_sizes=(256, 1024), batch_sizes=(1, 8, 16, 32),
-      dtypes=DTYPES, warmup=5, iters=50, modes=MODES,
-      checkpoint_workdir=''))
-  given = config.get('benchmark', None)
-  if given is not None:
-    for key, value in given.items():
-      defaults[key] = value
-  return defaults
 
 
 def check(config, bench) -> None:
@@ -114,18 +101,16 @@ def _with(config, *, dtype: str, image_size: int):
 
 
 def random_params(config, seed: int = 0) -> dict:
-  """float32 parameters with `train.init_params`'s tree and shapes (from
+  """float32 parameters with `inference.init_params`'s tree and shapes (from
   `jax.eval_shape`, nothing compiled), drawn on the host: kernels
-  N(0, 1/fan_in), biases zero, norm scales one. Compiling `init_params` itself costs more
-  than a small benchmark on CPU (tens of seconds with threefry), and speed
+  N(0, 1/fan_in), biases zero, norm scales one. Compiling `init_params`
+  itself costs more than a small benchmark on CPU (tens of seconds with threefry), and speed
   does not depend on the values. Unlike a fresh `init_params`, the
   zero-initialised heads are random too, so every path is live."""
-  nets = train.build_networks(config.model)
+  nets = inference.build_networks(config.model)
   # Parameter shapes do not depend on the image size: trace at the
   # smallest valid one.
-  shapes = jax.eval_shape(functools.partial(
-      train.init_params, nets, image_size=size_factor(config.model)),
-                          jax.random.PRNGKey(0))
+  shapes = inference.abstract_params(nets, size_factor(config.model))
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
@@ -143,7 +128,7 @@ def random_params(config, seed: int = 0) -> dict:
 def load_or_init_params(config, bench) -> tuple[dict, str]:
   """float32 parameters: the checkpoint's, or random ones."""
   if bench.checkpoint_workdir:
-    return (train.load_params(config, bench.checkpoint_workdir),
+    return (checkpoints.load_params(config, bench.checkpoint_workdir),
             f'checkpoint:{fileio.absolute(bench.checkpoint_workdir)}')
   return random_params(config, config.seed), 'random'
 
@@ -230,7 +215,7 @@ def environment() -> dict:
 
 def predict_fn(config):
   """The full inference function of `config` as f(params, images)."""
-  nets = train.build_networks(config.model)
+  nets = inference.build_networks(config.model)
   return functools.partial(evaluate.predict, nets=nets, config=config)
 
 
@@ -329,7 +314,7 @@ def format_table(rows) -> str:
 def run_benchmark(config, workdir: str) -> dict:
   """Runs the benchmark of `config.benchmark`, writes
   `<workdir>/benchmark.json`, prints a table and returns the report."""
-  bench = benchmark_config(config)
+  bench = config.benchmark
   check(config, bench)
   fileio.makedirs(workdir)
   params, weights = load_or_init_params(config, bench)
@@ -345,7 +330,8 @@ def run_benchmark(config, workdir: str) -> dict:
       'platform': env['platform'],
       'versions': env['versions'],
       'weights': weights,
-      'param_counts': {k: train.count_params(v) for k, v in params.items()},
+      'param_counts': {k: inference.count_params(v)
+                       for k, v in params.items()},
       'flops': {str(k): v for k, v in flop_info.items()},
       'flops_note': ('analytic: 2*MACs of every convolution and dot in the '
                      'traced predict function; elementwise ops ignored; '

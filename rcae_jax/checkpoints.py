@@ -24,15 +24,18 @@ A save that fails (a full disk, a quota) raises CheckpointWriteError,
 which names the newest complete checkpoint: the failed one never became a
 step folder, so that one is intact and a rerun resumes from it.
 
-Other files in the folder (train.py's model_config.json and
-TRAINING_COMPLETE, `<step>.damaged`) are not step names, so Orbax ignores
-them.
+Beside the step folders (not step names, so Orbax ignores them):
+`model_config.json`, the model fields the parameters were made with (a
+resume with another model is refused, naming the fields), and
+`TRAINING_COMPLETE` once every stage has run its steps. `load_params`
+gives the latest parameters to evaluation, predict and export.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import json
 from typing import Any, Callable, Optional
 
 import jax
@@ -41,6 +44,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from rcae_jax import fileio
+from rcae_jax import inference
+from rcae_jax import train_state
+from rcae_jax import validate
 from rcae_jax import workdir_lock
 
 DAMAGED_SUFFIX = '.damaged'
@@ -232,3 +238,89 @@ class Checkpointer:
     finally:
       # Orbax raises a failed background write again here.
       self._storage_errors_named(None, self._mngr.close)
+
+
+# ------------------------------------------- resume signature and markers
+
+# Files next to the Orbax step folders (Orbax ignores non-step names).
+MODEL_CONFIG = 'model_config.json'
+COMPLETE_MARKER = 'TRAINING_COMPLETE'
+# Model fields that change speed only, never what the parameters mean.
+RESUME_SAFE_FIELDS = ('model.scan_unroll', 'model.batch_decoding')
+
+
+def model_signature(config) -> dict:
+  """The config fields a checkpoint's parameters depend on, dotted, in
+  their JSON form (tuples become lists) so that they compare with the
+  saved copy."""
+  sig = {f'model.{k}': v for k, v in config.model.to_dict().items()}
+  sig['data.image_size'] = config.data.image_size
+  return json.loads(json.dumps(sig, default=str))
+
+
+def check_resume_compatible(config, ckpt_dir: str) -> None:
+  """Refuses checkpoints of another model with one clear message
+  (Orbax's own shape error does not say which field changed, and a change
+  such as model.recursion keeps every shape). Other fields (steps, learning
+  rates, logging, checkpointing, eval.*) may change on resume.
+
+  Fields absent from the saved copy (added to the code since) pass."""
+  path = os.path.join(ckpt_dir, MODEL_CONFIG)
+  if not fileio.exists(path):
+    return
+  saved = fileio.read_json(path)
+  current = model_signature(config)
+  diffs = [f'{k}: {saved[k]!r} -> {current.get(k, "<unset>")!r}'
+           for k in sorted(saved)
+           if k not in RESUME_SAFE_FIELDS and current.get(k, '<unset>') !=
+           saved[k]]
+  if diffs:
+    raise validate.ConfigError(
+        f'the checkpoints in {ckpt_dir} are of a different model than the '
+        f'config ({"; ".join(diffs)}). Use a new --workdir, or set these '
+        'fields back (steps, learning rates, logging, checkpointing and '
+        'eval settings may change on resume).')
+
+
+def record_model_config(config, ckpt_dir: str) -> None:
+  """Saves the model fields that this workdir's checkpoints are made of.
+
+  Called only once a checkpoint restored (or none exists): a file written
+  from a mismatching config would make the right config be refused."""
+  if jax.process_index() == 0:
+    fileio.write_json_atomic(os.path.join(ckpt_dir, MODEL_CONFIG),
+                             model_signature(config))
+
+
+def training_complete(workdir: str) -> bool:
+  """True once every stage has run all its steps (the marker is removed
+  when a rerun with more steps trains again)."""
+  return fileio.exists(os.path.join(workdir, 'checkpoints',
+                                    COMPLETE_MARKER))
+
+
+def set_complete(ckpt_dir: str, progress: Optional[dict]) -> None:
+  """Writes the completion marker (`progress`) or removes it (None)."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(ckpt_dir, COMPLETE_MARKER)
+  if progress is not None:
+    fileio.write_json_atomic(path, progress)
+  else:
+    fileio.remove(path)
+
+
+def load_params(config, workdir: str) -> dict:
+  """The latest checkpoint's parameters (for evaluation / prediction)."""
+  check_resume_compatible(config, os.path.join(workdir, 'checkpoints'))
+  params = inference.abstract_params(
+      inference.build_networks(config.model), config.data.image_size)
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), 1,
+                      read_only=True)
+  restored = ckpt.restore_latest(
+      lambda stage: train_state.abstract_state(params, stage, config))
+  ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints: train '
+                            'first (--config.mode=train)')
+  return restored[1].params

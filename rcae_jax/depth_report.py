@@ -22,18 +22,18 @@ import numpy as np
 
 from rcae_jax import evaluate
 from rcae_jax import fileio
+from rcae_jax import inference
 from rcae_jax import metrics
-from rcae_jax import train
 
 
 def error_maps(params, images, *, nets, use_dpn: bool) -> dict:
   """[B, N, H, W] channel-mean |I_R^n - I| ('rec') and, with DPN,
   |I_D^n - I| ('det'); batch axis first for `evaluate.collect`."""
-  x = train.to_float(images)
-  recs = train.reconstructions(nets, params, x)
+  x = inference.to_float(images)
+  recs = inference.reconstructions(nets, params, x)
   out = {'rec': evaluate.depth_errors(recs, x).swapaxes(0, 1)}
   if use_dpn:
-    dets = train.details(nets, params, recs, x, use_dpn)
+    dets = inference.details(nets, params, recs, x, use_dpn)
     out['det'] = evaluate.depth_errors(dets, x).swapaxes(0, 1)
   return out
 
@@ -52,8 +52,8 @@ def summarize(errors: np.ndarray, masks: np.ndarray) -> list[dict]:
 
 
 def run_depth_report(params, loader, config, workdir: str) -> dict:
-  nets = train.build_networks(config.model)
-  use_dpn = train.uses_dpn(config)
+  nets = inference.build_networks(config.model)
+  use_dpn = inference.uses_dpn(config)
   fn = jax.jit(functools.partial(error_maps, nets=nets, use_dpn=use_dpn))
   rows = evaluate.collect(loader, config.eval.batch_size,
                           lambda batch, _: fn(params, batch['image']))

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from rcae_jax import fileio
 from rcae_jax import export_maps
+from rcae_jax import fileio
+from rcae_jax import inference
 from rcae_jax import metrics as metrics_lib
-from rcae_jax import train
 from rcae_jax import validate
 from rcae_jax import visualize
 
@@ -98,13 +98,13 @@ def recursion_error_map(dets: jax.Array, x: jax.Array,
                    f'got {reduce!r}')
 
 
-def predict(params, images, *, nets: train.Networks, config):
+def predict(params, images, *, nets: inference.Networks, config):
   """Full inference: reconstructions, detail-restored ones, map, score."""
-  x = train.to_float(images)
-  recs = train.reconstructions(nets, params, x)
-  dets = train.details(nets, params, recs, x, train.uses_dpn(config))
+  x = inference.to_float(images)
+  recs = inference.reconstructions(nets, params, x)
+  dets = inference.details(nets, params, recs, x, inference.uses_dpn(config))
   if config.eval.scoring == 'crd':
-    amap = jax.nn.sigmoid(train.crd_logits(nets, params, dets, x))[..., 0]
+    amap = jax.nn.sigmoid(inference.crd_logits(nets, params, dets, x))[..., 0]
   elif config.eval.scoring == 'recursion':
     amap = gaussian_blur(
         recursion_error_map(dets, x,
@@ -118,7 +118,7 @@ def predict(params, images, *, nets: train.Networks, config):
 
 
 def make_predict_fn(config, nets=None):
-  nets = nets or train.build_networks(config.model)
+  nets = nets or inference.build_networks(config.model)
   return jax.jit(functools.partial(predict, nets=nets, config=config))
 
 
@@ -334,7 +334,7 @@ def save_pictures(workdir, loader, examples, kept, maps, small_masks, labels,
     ex = examples[i]
     strip = visualize.panel(
         up(loader.eval_image(i)), [up(np.clip(r, 0, 1)) for r in recs],
-        [up(np.clip(d, 0, 1)) for d in dets] if train.uses_dpn(config)
+        [up(np.clip(d, 0, 1)) for d in dets] if inference.uses_dpn(config)
         else None, up(maps[i]), vmin, vmax,
         gt_mask=up(small_masks[i].astype(bool)),
         threshold=thresholds['pixel'])

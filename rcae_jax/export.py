@@ -47,11 +47,11 @@ def export_predict(params, config, path: str, *,
                    platforms: Sequence[str] | None = None):
   """Writes the serialised inference function of `config` with `params`
   baked in to `path` (atomically); returns the `jax.export.Exported`."""
-  from rcae_jax import train  # pylint: disable=g-import-not-at-top
+  from rcae_jax import inference  # pylint: disable=g-import-not-at-top
   from rcae_jax import validate  # pylint: disable=g-import-not-at-top
   validate.check_scoring(config)
   size = int(config.data.image_size)
-  nets = train.build_networks(config.model)
+  nets = inference.build_networks(config.model)
   fn = functools.partial(predict_map_score, params, nets=nets, config=config)
   shape = jax.export.symbolic_shape(f'b, {size}, {size}, 3')
   spec = jax.ShapeDtypeStruct(shape, jnp.uint8)
@@ -115,10 +115,10 @@ def describe(exported: jax.export.Exported, config, thresholds: dict) -> dict:
 def run_export(config, workdir: str) -> dict:
   """Writes <workdir>/export/ from the latest checkpoint and
   thresholds.json; returns model.json's contents."""
+  from rcae_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from rcae_jax import predict  # pylint: disable=g-import-not-at-top
-  from rcae_jax import train  # pylint: disable=g-import-not-at-top
   thresholds = predict.load_thresholds(workdir)
-  params = jax.device_get(train.load_params(config, workdir))
+  params = jax.device_get(checkpoints.load_params(config, workdir))
   out = os.path.join(workdir, EXPORT_FOLDER)
   exported = export_predict(params, config, os.path.join(out, FUNCTION_FILE),
                             platforms=config.export.platforms or None)

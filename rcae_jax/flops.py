@@ -145,19 +145,20 @@ def model_report(config, params) -> dict:
   """Parameters and analytic GFLOP per image of each component at the
   config's image size: RcAE (all N reconstructions), DPN (on all N), CRD.
   Only traces (jax.make_jaxpr on shapes): nothing runs or compiles."""
-  from rcae_jax import train  # pylint: disable=g-import-not-at-top
-  nets = train.build_networks(config.model)
+  from rcae_jax import inference  # pylint: disable=g-import-not-at-top
+  nets = inference.build_networks(config.model)
   s, n = config.data.image_size, config.model.depth
   x = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
   recs = jax.ShapeDtypeStruct((n, 1, s, s, 3), jnp.float32)
   parts = {
-      'rcae': (lambda p, x: train.reconstructions(nets, p, x), (x,)),
-      'dpn': (lambda p, r, x: train.details(nets, p, r, x, True), (recs, x)),
-      'crd': (lambda p, r, x: train.crd_logits(nets, p, r, x), (recs, x)),
+      'rcae': (lambda p, x: inference.reconstructions(nets, p, x), (x,)),
+      'dpn': (lambda p, r, x: inference.details(nets, p, r, x, True),
+              (recs, x)),
+      'crd': (lambda p, r, x: inference.crd_logits(nets, p, r, x), (recs, x)),
   }
   report = {}
   for name, (fn, args) in parts.items():
     report[name] = {
-        'params': train.count_params(params[name]),
+        'params': inference.count_params(params[name]),
         'gflop_per_image': count_flops(fn, params, *args).total / 1e9}
   return report

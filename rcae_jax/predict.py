@@ -28,12 +28,12 @@ import time
 
 import numpy as np
 
+from rcae_jax import checkpoints
 from rcae_jax import evaluate
 from rcae_jax import export_maps
 from rcae_jax import fileio
 from rcae_jax import predict_inputs
 from rcae_jax import predict_report
-from rcae_jax import train
 from rcae_jax import visualize
 from rcae_jax.datasets import decode
 
@@ -182,7 +182,7 @@ def score_all(config, workdir, todo, report, thresholds, out_dir) -> None:
   """Streams `todo` through the model, appending rows to `report` at most
   every `predict.flush_seconds` (and whatever is pending on the way out,
   also on an exception or Ctrl-C)."""
-  params = train.load_params(config, workdir)
+  params = checkpoints.load_params(config, workdir)
   predict_fn = evaluate.make_predict_fn(config)
   start = last_flush = time.monotonic()
   pending, done, errors = [], 0, 0

@@ -9,6 +9,7 @@ import os
 import jax
 import numpy as np
 
+from rcae_jax import checkpoints
 from rcae_jax import evaluate
 from rcae_jax import fileio
 from rcae_jax import flops
@@ -32,8 +33,18 @@ def prepare(config, workdir: str):
       files, config.data.val_fraction, config.seed)
   loader = input_pipeline.make_loader(config.data, train_files, val)
   if jax.process_index() == 0:
-    train.save_config(config, workdir, files)
+    save_config(config, workdir, files)
   return loader
+
+
+def save_config(config, workdir: str, files) -> None:
+  """The resolved config plus the actual data folder used."""
+  fileio.makedirs(workdir)
+  resolved = config.to_dict()
+  resolved['resolved_data'] = {'root': files.root, 'category': files.category,
+                               'num_train': len(files.train),
+                               'num_test': len(files.test)}
+  fileio.write_json_atomic(os.path.join(workdir, 'config.json'), resolved)
 
 
 def run(config, workdir: str) -> dict:
@@ -62,9 +73,8 @@ def dispatch(config, workdir: str) -> dict:
   loader = prepare(config, workdir)
   if config.mode == 'depth_report':
     from rcae_jax import depth_report  # pylint: disable=g-import-not-at-top
-    return depth_report.run_depth_report(
-        jax.device_get(train.load_params(config, workdir)), loader, config,
-        workdir)
+    params = jax.device_get(checkpoints.load_params(config, workdir))
+    return depth_report.run_depth_report(params, loader, config, workdir)
   if config.mode == 'train':
     hook = (evaluate.make_curve_hook(config, loader)
             if config.eval.every_steps else None)
@@ -74,11 +84,11 @@ def dispatch(config, workdir: str) -> dict:
       logging.info('Learning curves: %s', learning_curves.write(
           workdir, title=loader.files.category))
   else:
-    if not train.training_complete(workdir):
+    if not checkpoints.training_complete(workdir):
       logging.warning('%s: training is not finished (no TRAINING_COMPLETE '
                       'marker); evaluating its latest checkpoint, and '
                       'metrics.json says training_complete=false', workdir)
-    params = train.load_params(config, workdir)
+    params = checkpoints.load_params(config, workdir)
   # Evaluation runs the same program on every process over the whole test
   # set, each on its own device, from a host copy of the replicated params.
   params = jax.device_get(params)
@@ -90,7 +100,7 @@ def dispatch(config, workdir: str) -> dict:
   report = evaluate.evaluate(params, loader, config, workdir, writer=writer,
                              step=last_step,
                              extra={'training_complete':
-                                    train.training_complete(workdir)})
+                                    checkpoints.training_complete(workdir)})
   writer.close()
   return report
 

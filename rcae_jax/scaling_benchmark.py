@@ -26,16 +26,17 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), 'configs'))
 
+from rcae_jax import inference  # pylint: disable=g-import-not-at-top
 from rcae_jax import sharding  # pylint: disable=g-import-not-at-top
-from rcae_jax import train
+from rcae_jax import train  # pylint: disable=g-import-not-at-top
 
 
 def measure(config, num_devices: int, steps: int) -> float:
   """images/s of stage-1 steps on `num_devices` devices."""
   mesh = sharding.make_mesh(num_devices)
-  nets = train.build_networks(config.model)
+  nets = inference.build_networks(config.model)
   state = train.create_state(config, 1, nets, mesh)
-  step_fn, _ = train.make_step(config, 1, nets, mesh)
+  step_fn = train.make_step(config, 1, nets, mesh)
   b, s = config.train.batch_size, config.data.image_size
   rng = np.random.default_rng(0)
   batch = sharding.to_global(

@@ -18,7 +18,6 @@ import pytest
 
 from conftest import tiny_config
 from rcae_jax import evaluate
-from rcae_jax import metrics
 from rcae_jax import run as run_lib
 from rcae_jax import validate
 from rcae_jax.datasets import decode

@@ -15,7 +15,7 @@ import pytest
 from conftest import load_config
 from rcae_jax import benchmark
 from rcae_jax import flops
-from rcae_jax import train
+from rcae_jax import inference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,7 +92,7 @@ def test_flops_scan_counted_length_times():
 def test_predict_flops_per_image_independent_of_batch_and_dtype():
   config = tiny_config()
   params = jax.eval_shape(functools.partial(
-      train.init_params, train.build_networks(config.model), image_size=32),
+      inference.init_params, inference.build_networks(config.model), image_size=32),
                           jax.random.PRNGKey(0))
   counts = []
   for batch, dtype in ((1, 'float32'), (2, 'float32'), (2, 'bfloat16')):
@@ -126,7 +126,7 @@ def test_benchmark_config_paper_model():
           config.model.dpn_width, config.model.crd_width) == (5, 128, 2, 32, 16)
   assert tuple(config.benchmark.image_sizes) == (256, 1024)
   assert tuple(config.benchmark.batch_sizes) == (1, 8, 16, 32)
-  benchmark.check(config, benchmark.benchmark_config(config))
+  benchmark.check(config, config.benchmark)
 
 
 # A meta-path hook making these packages unimportable, as on accelerator

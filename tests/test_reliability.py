@@ -22,8 +22,11 @@ import pytest
 
 from rcae_jax import checkpoints
 from rcae_jax import fileio
+from rcae_jax import inference
+from rcae_jax import preemption
 from rcae_jax import run as run_lib
 from rcae_jax import train
+from rcae_jax import train_state
 from rcae_jax import validate
 from rcae_jax import workdir_lock
 from rcae_jax import writers
@@ -35,27 +38,16 @@ OVERRIDES = {'train.stage1.steps': STEPS, 'train.stage2.steps': 0,
              'train.checkpoint_every': 1, 'eval.export_maps': False,
              'eval.pictures_per_type': 0}
 
-# configs/smoke.py plus the test-only knob (not in the config files, and
-# --config.X overrides need an existing field).
-CONFIG_FILE = '''
-import sys
-sys.path.insert(0, {configs!r})
-import smoke
-
-
-def get_config():
-  config = smoke.get_config()
-  config.train.step_delay_s = 0.0
-  return config
-'''
+# rcae_jax.main with a pause before each training batch (tests/
+# delayed_main.py): a smoke stage is too fast to signal in its middle.
+DELAYED_MAIN = os.path.join(REPO, 'tests', 'delayed_main.py')
 
 
 def subprocess_config(**extra):
-  """The subprocess runs' config, as train.load_params needs it here."""
+  """The subprocess runs' config, as checkpoints.load_params needs it here."""
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
   overrides = dict(OVERRIDES, **extra)
-  return tiny_config(**{k: v for k, v in overrides.items()
-                        if k != 'train.step_delay_s'})
+  return tiny_config(**overrides)
 
 
 @pytest.fixture(scope='module')
@@ -64,24 +56,23 @@ def env(tmp_path_factory):
   the data cache, and a compilation cache shared by the runs (the same
   programs load instead of compiling again: ~10 s per run on 2 cores)."""
   root = tmp_path_factory.mktemp('reliability')
-  config_file = root / 'config.py'
-  config_file.write_text(CONFIG_FILE.format(
-      configs=os.path.join(REPO, 'configs')))
   e = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu',
            JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'),
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   e.pop('XLA_FLAGS', None)
-  return {'env': e, 'config': str(config_file), 'root': root}
+  return {'env': e, 'config': os.path.join(REPO, 'configs', 'smoke.py'),
+          'root': root}
 
 
 def start(env, workdir, delay=0.0, **overrides):
-  args = [sys.executable, '-m', 'rcae_jax.main', '--config', env['config'],
-          '--workdir', str(workdir), f'--config.train.step_delay_s={delay}']
+  args = [sys.executable, DELAYED_MAIN, '--config', env['config'],
+          '--workdir', str(workdir)]
   args += [f'--config.{k}={v}' for k, v in dict(OVERRIDES, **overrides)
            .items()]
   log = open(f'{workdir}.log', 'w', encoding='utf-8')
-  return subprocess.Popen(args, env=env['env'], stdout=log,
-                          stderr=subprocess.STDOUT)
+  return subprocess.Popen(args, env=dict(env['env'],
+                                         RCAE_TEST_STEP_DELAY=str(delay)),
+                          stdout=log, stderr=subprocess.STDOUT)
 
 
 def log_of(workdir) -> str:
@@ -147,7 +138,7 @@ def reference(env):
 
 def assert_same_run(a, b):
   config = subprocess_config()
-  pa, pb = train.load_params(config, str(a)), train.load_params(config,
+  pa, pb = checkpoints.load_params(config, str(a)), checkpoints.load_params(config,
                                                                  str(b))
   same = jax.tree.map(lambda x, y: np.array_equal(np.asarray(x),
                                                   np.asarray(y)), pa, pb)
@@ -166,13 +157,13 @@ def test_sigkill_then_sigterm_then_resume_is_bit_identical(env, reference):
   killed_after = wait_for_step(proc, workdir, above=target - 1)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert not train.training_complete(str(workdir))
+  assert not checkpoints.training_complete(str(workdir))
   assert (workdir / workdir_lock.LOCK_NAME).exists()  # Nobody removed it.
   # 2. Resume; SIGTERM (preemption) once it has saved a later step.
   proc = start(env, workdir, delay=0.3)
   wait_for_step(proc, workdir, above=saved_steps(workdir)[-1])
   proc.send_signal(signal.SIGTERM)
-  finish(proc, workdir, expect=train.Preempted.EXIT_CODE)
+  finish(proc, workdir, expect=preemption.Preempted.EXIT_CODE)
   log = log_of(workdir)
   assert 'Preempted (SIGTERM): saved a checkpoint at stage 1 step' in log
   assert 'Traceback' not in log
@@ -183,15 +174,15 @@ def test_sigkill_then_sigterm_then_resume_is_bit_identical(env, reference):
   assert not (workdir / workdir_lock.LOCK_NAME).exists()
   stopped_at = saved_steps(workdir)[-1]
   assert killed_after < stopped_at <= STEPS, (killed_after, stopped_at)
-  assert not train.training_complete(str(workdir))
+  assert not checkpoints.training_complete(str(workdir))
   # 3. Resume to the end: the same numbers as the uninterrupted run.
   proc = start(env, workdir)
   finish(proc, workdir)
   assert f'Resuming from checkpoint at stage 1 step {stopped_at}' in (
       log_of(workdir))
-  assert train.training_complete(str(workdir))
+  assert checkpoints.training_complete(str(workdir))
   straight = reference()
-  assert train.training_complete(str(straight))
+  assert checkpoints.training_complete(str(straight))
   assert_same_run(straight, workdir)
 
 
@@ -204,7 +195,7 @@ def test_changed_model_is_refused_harmless_changes_are_not(env, reference,
       'train.stage1.steps': 50, 'train.log_every': 7,
       'train.checkpoint_every': 5, 'train.stage1.learning_rate': 0.1,
       'eval.smoothing_size': 5, 'eval.batch_size': 3})
-  train.check_resume_compatible(harmless, ckpt_dir)
+  checkpoints.check_resume_compatible(harmless, ckpt_dir)
   changed = subprocess_config(**{'model.width': 8, 'model.depth': 3})
   with pytest.raises(validate.ConfigError) as e:
     train.train_and_checkpoint(changed, str(workdir), loader=None)
@@ -213,7 +204,7 @@ def test_changed_model_is_refused_harmless_changes_are_not(env, reference,
   assert 'model.depth: 2 -> 3' in message
   assert 'train.' not in message
   with pytest.raises(validate.ConfigError, match='model.width: 4 -> 8'):
-    train.load_params(changed, str(workdir))  # Evaluate mode too.
+    checkpoints.load_params(changed, str(workdir))  # Evaluate mode too.
 
 
 def test_checkpoint_torn_mid_write_is_ignored(env, reference, tmp_path):
@@ -227,8 +218,8 @@ def test_checkpoint_torn_mid_write_is_ignored(env, reference, tmp_path):
   shutil.copytree(workdir / 'checkpoints' / str(last), torn)
   shutil.rmtree(torn / 'state')  # Half written.
   config = subprocess_config()
-  params = train.load_params(config, str(workdir))  # Read-only restore.
-  expected = train.load_params(config, str(straight))
+  params = checkpoints.load_params(config, str(workdir))  # Read-only restore.
+  expected = checkpoints.load_params(config, str(straight))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-6),
                params, expected)
@@ -269,7 +260,7 @@ NAN_STEP = 4  # 1-based, as checkpoints count; batch index 3.
 
 class NaNAt:
   """A loader whose batch number `step` (1-based) holds a NaN pixel. All
-  batches are float32 (train.to_float passes them through), so one program
+  batches are float32 (inference.to_float passes them through), so one program
   serves the good and the bad batches."""
 
   def __init__(self, loader, step):
@@ -299,8 +290,8 @@ def test_nonfinite_step_stops_without_saving_then_skip_mode_finishes(
                      match=f'stage 1 \\(rcae\\) at step {NAN_STEP}'):
     train.train_and_checkpoint(config, workdir, loader)
   assert saved_steps(workdir)[-1] == NAN_STEP - 1  # The last good one.
-  assert all_finite(train.load_params(config, workdir))
-  assert not train.training_complete(workdir)
+  assert all_finite(checkpoints.load_params(config, workdir))
+  assert not checkpoints.training_complete(workdir)
 
   config.train.skip_nonfinite = True  # Resumes at step 3, skips step 4.
   with caplog.at_level('WARNING'):
@@ -308,7 +299,7 @@ def test_nonfinite_step_stops_without_saving_then_skip_mode_finishes(
   assert 'skipped 1 batch(es) with a non-finite loss' in caplog.text
   assert all_finite(params)
   assert saved_steps(workdir)[-1] == 6
-  assert train.training_complete(workdir)
+  assert checkpoints.training_complete(workdir)
   scalars = [json.loads(l) for l in open(os.path.join(workdir,
                                                       'scalars.jsonl'))]
   logged = [r for r in scalars if 'stage1/param_norm' in r]
@@ -319,10 +310,10 @@ def test_guarded_step_keeps_state_on_nonfinite_batch(make_config):
   """No host sync needed: the step itself leaves params and optimizer
   state untouched, and counts the step."""
   config = make_config(**{'model.depth': 1})  # One stage-1 program.
-  nets = train.build_networks(config.model)
-  state = train.fresh_state(train.initial_params(nets, config), 1, config)
+  nets = inference.build_networks(config.model)
+  state = train_state.fresh_state(train.initial_params(nets, config), 1, config)
   before = jax.tree.map(lambda x: np.array(x, copy=True), state)
-  step_fn, _ = train.make_step(config, 1, nets)
+  step_fn = train.make_step(config, 1, nets)
   good = np.full((4, 32, 32, 3), 0.5, np.float32)
   bad = good.copy()
   bad[1, 2, 3, 0] = np.inf
@@ -343,7 +334,7 @@ def test_guarded_step_keeps_state_on_nonfinite_batch(make_config):
 
 def test_sigterm_handler_is_restored_after_training():
   previous = signal.getsignal(signal.SIGTERM)
-  with train.StopRequest() as stop:
+  with preemption.StopRequest() as stop:
     assert signal.getsignal(signal.SIGTERM) != previous
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.1)
@@ -528,7 +519,7 @@ def test_training_goes_on_past_a_damaged_checkpoint_stops_on_a_full_disk(
           f'{STEPS - 1}, is intact') in str(e.value)
   assert saved_steps(workdir) == [STEPS - 1]
   assert (workdir / 'checkpoints' / f'{STEPS}.damaged').is_dir()
-  assert not train.training_complete(str(workdir))
+  assert not checkpoints.training_complete(str(workdir))
   json.loads((workdir / 'config.json').read_text())  # Earlier outputs.
   for line in (workdir / 'scalars.jsonl').read_text().splitlines():
     json.loads(line)
@@ -542,7 +533,7 @@ def test_training_goes_on_past_a_damaged_checkpoint_stops_on_a_full_disk(
   assert f'Resuming from checkpoint at stage 1 step {STEPS - 1}' in (
       log_of(workdir))
   assert saved_steps(workdir) == [STEPS - 1, STEPS]
-  assert train.training_complete(str(workdir))
+  assert checkpoints.training_complete(str(workdir))
   assert_same_run(straight, workdir)
 
 
@@ -623,7 +614,7 @@ def tmpfs_available(where) -> bool:
 FULL_DISK_SCRIPT = r'''
 set -u
 mount -t tmpfs -o size=64m tmpfs "$MNT"
-"$@" --workdir "$MNT/wd" --config.train.step_delay_s=0.5 > "$OUT/first.log" 2>&1 &
+RCAE_TEST_STEP_DELAY=0.5 "$@" --workdir "$MNT/wd" > "$OUT/first.log" 2>&1 &
 run=$!
 until [ -d "$MNT/wd/checkpoints/2" ] || ! kill -0 $run 2>/dev/null; do
   sleep 0.05
@@ -649,7 +640,7 @@ def test_real_full_disk_stops_in_one_line_and_the_rerun_resumes(env,
     pytest.skip('cannot mount a tmpfs in a private mount namespace here')
   out = tmp_path / 'out'
   out.mkdir()
-  args = [sys.executable, '-m', 'rcae_jax.main', '--config', env['config']]
+  args = [sys.executable, DELAYED_MAIN, '--config', env['config']]
   args += [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
   subprocess.run(
       ['unshare', '-m', '--propagation', 'private', 'bash', '-c',
@@ -666,7 +657,7 @@ def test_real_full_disk_stops_in_one_line_and_the_rerun_resumes(env,
   full = out / 'after_full'
   kept = saved_steps(full)[-1]
   assert 2 <= kept < STEPS, first[-3000:]
-  train.load_params(subprocess_config(), str(full))
+  checkpoints.load_params(subprocess_config(), str(full))
   json.loads((full / 'config.json').read_text())
   for line in (full / 'scalars.jsonl').read_text().splitlines()[:-1]:
     json.loads(line)  # (Its last line may be torn: repaired on resume.)
@@ -674,7 +665,7 @@ def test_real_full_disk_stops_in_one_line_and_the_rerun_resumes(env,
   assert (out / 'rerun.rc').read_text().strip() == '0', rerun[-3000:]
   assert f'Resuming from checkpoint at stage 1 step {kept}' in rerun
   done = out / 'after_rerun'
-  assert train.training_complete(str(done))
+  assert checkpoints.training_complete(str(done))
   assert json.loads((done / 'metrics.json').read_text())
   for line in (done / 'scalars.jsonl').read_text().splitlines():
     json.loads(line)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from rcae_jax import inference
 from rcae_jax import sharding
 from rcae_jax import train
 
@@ -15,9 +16,9 @@ def fixed_batch(b=8, size=32):
 
 
 def one_step(config, stage, mesh, batch):
-  nets = train.build_networks(config.model)
+  nets = inference.build_networks(config.model)
   state = train.create_state(config, stage, nets, mesh)
-  step_fn, _ = train.make_step(config, stage, nets, mesh)
+  step_fn = train.make_step(config, stage, nets, mesh)
   if mesh is not None:
     batch = sharding.to_global(batch, mesh)
   return step_fn(state, batch, train.step_rng(0, stage, 0), 0), batch

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rcae_jax import input_pipeline
+from rcae_jax import inference
 from rcae_jax import run as run_lib
 from rcae_jax import train
+from rcae_jax import train_state
 
 
 def fixed_batch(seed=0, size=32, b=4):
@@ -22,11 +23,11 @@ def fixed_batch(seed=0, size=32, b=4):
 
 
 def setup_stage(config, stage):
-  nets = train.build_networks(config.model)
-  params = train.init_params(nets, jax.random.PRNGKey(0),
+  nets = inference.build_networks(config.model)
+  params = inference.init_params(nets, jax.random.PRNGKey(0),
                              config.data.image_size)
-  state = train.fresh_state(params, stage, config)
-  step_fn, _ = train.make_step(config, stage, nets)
+  state = train_state.fresh_state(params, stage, config)
+  step_fn = train.make_step(config, stage, nets)
   return state, step_fn
 
 
@@ -54,8 +55,8 @@ def test_earlier_stages_stay_frozen(make_config, stage):
     state, _ = step_fn(state, fixed_batch(step), train.step_rng(0, stage, step),
                        step)
   after = snapshot(state.params)
-  trained = train.STAGES[stage - 1]
-  for name in train.STAGES:
+  trained = train_state.STAGES[stage - 1]
+  for name in train_state.STAGES:
     same = jax.tree.all(jax.tree.map(np.array_equal, before[name], after[name]))
     assert same == (name != trained), name
 
@@ -64,8 +65,8 @@ def test_stage_gradients_cover_only_their_component(make_config):
   """Frozen by construction: the stage-2 jaxpr differentiates DPN only."""
   config = make_config()
   state, _ = setup_stage(config, 2)
-  nets = train.build_networks(config.model)
-  tx = train.make_optimizer(config.train.stage2)
+  nets = inference.build_networks(config.model)
+  tx = train_state.make_optimizer(config.train.stage2)
   _, metrics_shape = jax.eval_shape(
       lambda s, b: train.stage2_step(s, b, None, nets=nets, tx=tx), state,
       fixed_batch())
@@ -176,7 +177,7 @@ def test_cosine_schedule_warms_up_then_decays(make_config):
   stage = make_config().train.stage1
   stage.update(dict(schedule='cosine', warmup_steps=10, steps=100,
                     learning_rate=1e-3))
-  lr = train.learning_rate(stage)
+  lr = train_state.learning_rate(stage)
   assert lr(0) == 0.0 and abs(lr(10) - 1e-3) < 1e-9
   assert 0 < lr(55) < 1e-3 and lr(100) < 1e-6
 
