@@ -35,7 +35,7 @@ def measure(config, num_devices: int, steps: int) -> float:
   """images/s of stage-1 steps on `num_devices` devices."""
   mesh = sharding.make_mesh(num_devices)
   nets = inference.build_networks(config.model)
-  state = train.create_state(config, 1, nets, mesh)
+  state, frozen = train.create_state(config, 1, nets, mesh)
   step_fn = train.make_step(config, 1, nets, mesh)
   b, s = config.train.batch_size, config.data.image_size
   rng = np.random.default_rng(0)
@@ -43,11 +43,13 @@ def measure(config, num_devices: int, steps: int) -> float:
       {'image': rng.integers(0, 255, (b, s, s, 3), np.uint8)}, mesh)
   # Warm up every depth's program (stage 1 draws the depth per step).
   for step in range(4 * config.model.depth):
-    state, m = step_fn(state, batch, train.step_rng(0, 1, step), step)
+    state, m = step_fn(state, frozen, batch, train.step_rng(0, 1, step),
+                       step)
   jax.block_until_ready(m)
   t0 = time.perf_counter()
   for step in range(steps):
-    state, m = step_fn(state, batch, train.step_rng(0, 1, step), step)
+    state, m = step_fn(state, frozen, batch, train.step_rng(0, 1, step),
+                       step)
   jax.block_until_ready(m)
   return b * steps / (time.perf_counter() - t0)
 

@@ -2,9 +2,10 @@
 
 Stage 1 trains RcAE (E, D) on normal images with a random depth per batch;
 stage 2 trains DPN with RcAE frozen; stage 3 trains CRD on pseudo-anomalies
-with RcAE and DPN frozen. "Frozen" is structural: each stage's loss is a
-function of its own component's parameters only, so no gradient is ever
-computed for the others.
+with RcAE and DPN frozen. "Frozen" is structural: a stage's step receives
+the networks it does not train as a separate argument, never donated and
+never returned, and its loss is differentiated with respect to its own
+component only, so no gradient or optimizer state exists for the others.
 
 Every step is a pure function of (state, batch, rng); the batch order and
 the rng are pure functions of (seed, stage, step), so a resumed run sees the
@@ -71,12 +72,10 @@ def random_crop(x: jax.Array, rng: jax.Array, size: int) -> jax.Array:
 # ------------------------------------------------------------- the steps
 
 
-def _apply_grads(state: train_state.TrainState, component: str, grads, tx):
-  updates, opt_state = tx.update(grads, state.opt_state,
-                                 state.params[component])
-  new = optax.apply_updates(state.params[component], updates)
-  params = dict(state.params, **{component: new})
-  return state.replace(step=state.step + 1, params=params,
+def _apply_grads(state: train_state.TrainState, grads, tx):
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  return state.replace(step=state.step + 1,
+                       params=optax.apply_updates(state.params, updates),
                        opt_state=opt_state)
 
 
@@ -97,16 +96,17 @@ def stage1_loss(nets: inference.Networks, rcae_params, x, depth: int,
   return loss
 
 
-def stage1_step(state, batch, rng, *, depth, nets, tx,
+def stage1_step(state, frozen, batch, rng, *, depth, nets, tx,
                 consistency_weight=0.0, crop_size=0):
   """`depth` is static: drawn on the host per step (`stage1_depth`). A
   traced depth would need lax.switch, whose convolution gradients run ~25x
   slower on XLA:CPU (measured); one compiled program per depth does not."""
+  del frozen  # RcAE comes first: it needs no other network.
   x = random_crop(inference.to_float(batch['image']), rng, crop_size)
   loss, grads = jax.value_and_grad(
       lambda p: stage1_loss(nets, p, x, depth, consistency_weight))(
-          state.params['rcae'])
-  state = _apply_grads(state, 'rcae', grads, tx)
+          state.params)
+  state = _apply_grads(state, grads, tx)
   return state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
 
 
@@ -116,36 +116,35 @@ def stage1_depth(seed: int, step: int, max_depth: int) -> int:
   return int(np.random.default_rng([seed, 1, step]).integers(1, max_depth + 1))
 
 
-def stage2_step(state, batch, rng, *, nets, tx, crop_size=0):
+def stage2_step(state, frozen, batch, rng, *, nets, tx, crop_size=0):
   x = random_crop(inference.to_float(batch['image']), rng, crop_size)
-  # Constant: not an argument of the gradient.
-  recs = inference.reconstructions(nets, state.params, x)
+  recs = inference.reconstructions(nets, frozen, x)
 
   def loss_fn(dpn_params):
-    params = dict(state.params, dpn=dpn_params)
-    dets = inference.details(nets, params, recs, x, use_dpn=True)
+    dets = inference.details(nets, {'dpn': dpn_params}, recs, x,
+                             use_dpn=True)
     return losses.l1_with_gradient(dets, jnp.broadcast_to(x, dets.shape))
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params['dpn'])
-  state = _apply_grads(state, 'dpn', grads, tx)
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  state = _apply_grads(state, grads, tx)
   return state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
 
 
-def stage3_step(state, batch, rng, *, nets, tx, use_dpn, anomaly_cfg,
-                crop_size=0):
+def stage3_step(state, frozen, batch, rng, *, nets, tx, use_dpn,
+                anomaly_cfg, crop_size=0):
   x = random_crop(inference.to_float(batch['image']), rng, crop_size)
   # Pseudo-anomalies are made here, on the device, inside the jitted step.
   x_anom, mask = anomalies.synthesize(rng, x, anomaly_cfg)
-  recs = inference.reconstructions(nets, state.params, x_anom)
-  dets = inference.details(nets, state.params, recs, x_anom, use_dpn)
+  recs = inference.reconstructions(nets, frozen, x_anom)
+  dets = inference.details(nets, frozen, recs, x_anom, use_dpn)
 
   def loss_fn(crd_params):
-    params = dict(state.params, crd=crd_params)
-    pred = jax.nn.sigmoid(inference.crd_logits(nets, params, dets, x_anom))
+    pred = jax.nn.sigmoid(inference.crd_logits(nets, {'crd': crd_params},
+                                               dets, x_anom))
     return losses.l2_with_gradient(pred, mask)
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params['crd'])
-  state = _apply_grads(state, 'crd', grads, tx)
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  state = _apply_grads(state, grads, tx)
   return state, {'loss': loss, 'grad_norm': optax.global_norm(grads),
                  'anomalous_fraction': jnp.mean(mask)}
 
@@ -160,26 +159,25 @@ def healthy() -> dict:
           'first_nonfinite_step': jnp.zeros((), jnp.int32)}
 
 
-def guard_nonfinite(step_fn, component: str):
+def guard_nonfinite(step_fn):
   """Wraps a stage step: a step whose loss or gradient is not finite leaves
   the parameters and optimizer state as they were (one NaN would otherwise
   poison every later step and checkpoint) and is counted in the health
   metrics, together with the first such step (1-based, as checkpoints).
   All on the device: a per-step host check would stall the pipeline."""
 
-  def guarded(state, batch, rng, health, **kwargs):
-    new, metrics = step_fn(state, batch, rng, **kwargs)
+  def guarded(state, frozen, batch, rng, health, **kwargs):
+    new, metrics = step_fn(state, frozen, batch, rng, **kwargs)
     finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(
         metrics['grad_norm'])
     keep = lambda n, o: jnp.where(finite, n, o)
-    params = dict(new.params, **{component: jax.tree.map(
-        keep, new.params[component], state.params[component])})
-    new = new.replace(params=params, opt_state=jax.tree.map(
-        keep, new.opt_state, state.opt_state))
+    new = new.replace(
+        params=jax.tree.map(keep, new.params, state.params),
+        opt_state=jax.tree.map(keep, new.opt_state, state.opt_state))
     first_bad = (~finite) & (health['nonfinite_steps'] == 0)
     metrics = dict(
         metrics, finite=finite,
-        param_norm=optax.global_norm(params[component]),
+        param_norm=optax.global_norm(new.params),
         nonfinite_steps=health['nonfinite_steps'] + (~finite).astype(
             jnp.int32),
         first_nonfinite_step=jnp.where(first_bad, state.step + 1,
@@ -193,10 +191,13 @@ def make_step(config, stage: int, nets: inference.Networks, mesh=None
               ) -> Callable:
   """The jitted train step of `stage` (1, 2, 3).
 
-  Called as step_fn(state, batch, rng, step, health=None); `health` is the
-  previous step's metrics' HEALTH_KEYS (None: a fresh count). With a
-  `mesh`, state/rng/health are replicated and the batch is split on the
-  `data` axis; XLA inserts the gradient all-reduce."""
+  Called as step_fn(state, frozen, batch, rng, step, health=None), with
+  (state, frozen) from train_state.split: `state` (donated) holds what the
+  stage trains and its optimizer, `frozen` (not donated, never updated)
+  the other networks' parameters. `health` is the previous step's metrics'
+  HEALTH_KEYS (None: a fresh count). With a `mesh`, everything but the
+  batch is replicated and the batch is split on the `data` axis; XLA
+  inserts the gradient all-reduce."""
   stage_cfg = config.train[f'stage{stage}']
   tx = train_state.make_optimizer(stage_cfg)
   crop = config.train.crop_size
@@ -210,23 +211,24 @@ def make_step(config, stage: int, nets: inference.Networks, mesh=None
     fn = functools.partial(stage3_step, nets=nets, tx=tx,
                            use_dpn=inference.uses_dpn(config),
                            anomaly_cfg=config.anomalies, crop_size=crop)
-  guarded = guard_nonfinite(fn, train_state.STAGES[stage - 1])
+  guarded = guard_nonfinite(fn)
   # Depth (stage 1) is a static positional argument: one program per depth.
-  positional = lambda state, batch, rng, health, depth: guarded(
-      state, batch, rng, health, **({'depth': depth} if stage == 1 else {}))
+  positional = lambda state, frozen, batch, rng, health, depth: guarded(
+      state, frozen, batch, rng, health,
+      **({'depth': depth} if stage == 1 else {}))
   shardings = {}
   if mesh is not None:
     rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    shardings = dict(in_shardings=(rep, data, rep, rep),
+    shardings = dict(in_shardings=(rep, rep, data, rep, rep),
                      out_shardings=(rep, rep))
-  jitted = jax.jit(positional, static_argnums=4, donate_argnums=0,
+  jitted = jax.jit(positional, static_argnums=5, donate_argnums=0,
                    **shardings)
 
-  def step_fn(state, batch, rng, step, health=None):
+  def step_fn(state, frozen, batch, rng, step, health=None):
     depth = (stage1_depth(config.seed, step, config.model.depth)
              if stage == 1 else 0)
-    return jitted(state, batch, rng, healthy() if health is None else health,
-                  depth)
+    return jitted(state, frozen, batch, rng,
+                  healthy() if health is None else health, depth)
 
   return step_fn
 
@@ -238,21 +240,23 @@ def stage_batch_size(config, stage: int) -> int:
       config.train.batch_size)
 
 
-def create_state(config, stage: int, nets: inference.Networks, mesh=None
-                 ) -> train_state.TrainState:
-  """A fresh stage state from the config's seed, replicated on `mesh`."""
-  state = train_state.fresh_state(initial_params(nets, config), stage,
-                                  config)
-  return place_state(state, mesh)
+def create_state(config, stage: int, nets: inference.Networks, mesh=None):
+  """(state, frozen) of a fresh stage from the config's seed, replicated
+  on `mesh`."""
+  full = train_state.fresh_state(initial_params(nets, config), stage, config)
+  return place(train_state.split(full, stage), mesh)
 
 
-def place_state(state: train_state.TrainState, mesh
-                ) -> train_state.TrainState:
-  """Replicates `state` over the mesh. The caller must not use `state`'s
-  arrays afterwards: the (donating) step may reuse their buffers."""
+def place(tree, mesh):
+  """Replicates `tree` over the mesh. The caller must not use `tree`'s
+  arrays afterwards: the (donating) step may reuse their buffers.
+
+  device_put, not a jit with out_shardings (DESIGN.md): the arrays come from
+  a compiled init or an Orbax restore, committed to one device, which a jit
+  onto the whole mesh refuses; and nothing keeps the originals."""
   if mesh is None:
-    return state
-  return jax.device_put(state, sharding.replicated(mesh))
+    return tree
+  return jax.device_put(tree, sharding.replicated(mesh))
 
 
 def step_rng(seed: int, stage: int, step: int) -> jax.Array:
@@ -342,14 +346,15 @@ def train_stages(config, loader, writer, ckpt, stop: preemption.StopRequest,
 
 def run_stage(config, stage, nets, state, start, progress, loader, writer,
               ckpt, stop=None, on_eval=None):
-  """Steps `start`..steps of one stage; returns (state, progress)."""
+  """Steps `start`..steps of one stage; returns (state, progress). The
+  state in and out holds every component (as checkpoints do)."""
   stop = stop or preemption.StopRequest()
   steps = config.train[f'stage{stage}'].steps
   mesh = sharding.make_mesh(config.mesh.num_devices)
   batch_size = stage_batch_size(config, stage)
   sharding.check_batch(batch_size, mesh)
   step_fn = make_step(config, stage, nets, mesh)
-  state = place_state(state, mesh)
+  state, frozen = place(train_state.split(state, stage), mesh)
   batches = loader.train_batches(batch_size,
                                  seed=config.seed * 1000 + stage,
                                  start_step=start,
@@ -370,8 +375,8 @@ def run_stage(config, stage, nets, state, start, progress, loader, writer,
   t0 = time.time()
   for step in range(start, steps):
     batch = sharding.to_global(next(batches), mesh)
-    state, metrics = step_fn(state, batch, step_rng(config.seed, stage, step),
-                             step, health)
+    state, metrics = step_fn(state, frozen, batch,
+                             step_rng(config.seed, stage, step), step, health)
     health = {k: metrics[k] for k in HEALTH_KEYS}
     global_step += 1
     done = step + 1
@@ -387,18 +392,20 @@ def run_stage(config, stage, nets, state, start, progress, loader, writer,
     every = config.eval.every_steps
     if on_eval is not None and every and (done % every == 0 or done == steps):
       # Synchronous: the next step donates these parameters' buffers.
-      on_eval(stage, global_step, state.params, writer)
+      on_eval(stage, global_step,
+              train_state.join(state, frozen, stage).params, writer)
     if save_now:
       progress = {'stage': stage, 'stage_step': done,
                   'global_step': global_step}
-      ckpt.save(global_step, state, progress)
+      ckpt.save(global_step, train_state.join(state, frozen, stage),
+                progress)
       writer.flush()  # Scalars reach the workdir (gs:// too) with each save.
       timer.reset()
     if preempt:
       stop_preempted(ckpt, progress)
   logging.info('Stage %d done in %.1f s', stage, time.time() - t0)
   ckpt.wait()
-  return state, progress
+  return train_state.join(state, frozen, stage), progress
 
 
 def check_health(health, config, stage: int, done: int, ckpt) -> dict:

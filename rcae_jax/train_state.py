@@ -19,11 +19,26 @@ STAGES = ('rcae', 'dpn', 'crd')  # Component trained by stage 1, 2, 3.
 
 @flax.struct.dataclass
 class TrainState:
-  """What a stage updates. `params` holds every component; only
-  `params[component]` changes in a stage, `opt_state` is that component's."""
+  """A stage's state. As saved in checkpoints and made by `fresh_state`,
+  `params` holds every component and `opt_state` the stage's component's;
+  inside a stage's steps (`split`) it holds that component alone, and the
+  others ride apart, frozen."""
   step: jax.Array
   params: Any
   opt_state: Any
+
+
+def split(full: TrainState, stage: int) -> tuple[TrainState, dict]:
+  """(what stage `stage` trains, the other components' parameters)."""
+  name = STAGES[stage - 1]
+  frozen = {k: v for k, v in full.params.items() if k != name}
+  return full.replace(params=full.params[name]), frozen
+
+
+def join(state: TrainState, frozen: dict, stage: int) -> TrainState:
+  """`split`'s inverse: every component's parameters in one state."""
+  return state.replace(params=dict(frozen, **{STAGES[stage - 1]:
+                                              state.params}))
 
 
 def learning_rate(stage_cfg):

@@ -17,11 +17,11 @@ def fixed_batch(b=8, size=32):
 
 def one_step(config, stage, mesh, batch):
   nets = inference.build_networks(config.model)
-  state = train.create_state(config, stage, nets, mesh)
+  state, frozen = train.create_state(config, stage, nets, mesh)
   step_fn = train.make_step(config, stage, nets, mesh)
   if mesh is not None:
     batch = sharding.to_global(batch, mesh)
-  return step_fn(state, batch, train.step_rng(0, stage, 0), 0), batch
+  return step_fn(state, frozen, batch, train.step_rng(0, stage, 0), 0), batch
 
 
 @pytest.mark.parametrize('stage', [1, 2, 3])

@@ -25,19 +25,21 @@ def fixed_batch(seed=0, size=32, b=4):
 def setup_stage(config, stage):
   nets = inference.build_networks(config.model)
   params = inference.init_params(nets, jax.random.PRNGKey(0),
-                             config.data.image_size)
-  state = train_state.fresh_state(params, stage, config)
+                                 config.data.image_size)
+  state, frozen = train_state.split(
+      train_state.fresh_state(params, stage, config), stage)
   step_fn = train.make_step(config, stage, nets)
-  return state, step_fn
+  return state, frozen, step_fn
 
 
 def test_stage1_loss_decreases_on_a_fixed_batch(make_config):
   config = make_config(**{'train.stage1.learning_rate': 3e-3})
-  state, step_fn = setup_stage(config, 1)
+  state, frozen, step_fn = setup_stage(config, 1)
   batch = fixed_batch()
   losses = []
   for step in range(30):
-    state, m = step_fn(state, batch, train.step_rng(0, 1, step), step)
+    state, m = step_fn(state, frozen, batch, train.step_rng(0, 1, step),
+                       step)
     losses.append(float(m['loss']))
   assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
 
@@ -49,12 +51,12 @@ def snapshot(tree):
 @pytest.mark.parametrize('stage', [2, 3])
 def test_earlier_stages_stay_frozen(make_config, stage):
   config = make_config()
-  state, step_fn = setup_stage(config, stage)
-  before = snapshot(state.params)
+  state, frozen, step_fn = setup_stage(config, stage)
+  before = snapshot(train_state.join(state, frozen, stage).params)
   for step in range(2):
-    state, _ = step_fn(state, fixed_batch(step), train.step_rng(0, stage, step),
-                       step)
-  after = snapshot(state.params)
+    state, _ = step_fn(state, frozen, fixed_batch(step),
+                       train.step_rng(0, stage, step), step)
+  after = snapshot(train_state.join(state, frozen, stage).params)
   trained = train_state.STAGES[stage - 1]
   for name in train_state.STAGES:
     same = jax.tree.all(jax.tree.map(np.array_equal, before[name], after[name]))
@@ -64,15 +66,16 @@ def test_earlier_stages_stay_frozen(make_config, stage):
 def test_stage_gradients_cover_only_their_component(make_config):
   """Frozen by construction: the stage-2 jaxpr differentiates DPN only."""
   config = make_config()
-  state, _ = setup_stage(config, 2)
+  state, frozen, _ = setup_stage(config, 2)
+  assert set(frozen) == {'rcae', 'crd'}
   nets = inference.build_networks(config.model)
   tx = train_state.make_optimizer(config.train.stage2)
   _, metrics_shape = jax.eval_shape(
-      lambda s, b: train.stage2_step(s, b, None, nets=nets, tx=tx), state,
-      fixed_batch())
+      lambda s, f, b: train.stage2_step(s, f, b, None, nets=nets, tx=tx),
+      state, frozen, fixed_batch())
   assert set(metrics_shape) == {'loss', 'grad_norm'}
   opt_leaves = jax.tree.leaves(state.opt_state)
-  dpn_size = sum(x.size for x in jax.tree.leaves(state.params['dpn']))
+  dpn_size = sum(x.size for x in jax.tree.leaves(state.params))
   # Adam keeps two moments of exactly the DPN parameters, nothing more.
   assert sum(x.size for x in opt_leaves if x.ndim) == 2 * dpn_size
 
@@ -188,6 +191,7 @@ def test_stage_steps_train_on_crops(make_config):
   config = make_config(**{'train.crop_size': 16,
                           'anomalies.noise_fraction': 0.5})
   for stage in (1, 3):
-    state, step_fn = setup_stage(config, stage)
-    state, m = step_fn(state, fixed_batch(), train.step_rng(0, stage, 0), 0)
+    state, frozen, step_fn = setup_stage(config, stage)
+    state, m = step_fn(state, frozen, fixed_batch(),
+                       train.step_rng(0, stage, 0), 0)
     assert np.isfinite(float(m['loss'])) and float(m['grad_norm']) > 0
