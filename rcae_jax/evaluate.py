@@ -33,6 +33,7 @@ from rcae_jax import metrics as metrics_lib
 from rcae_jax import train
 from rcae_jax import validate
 from rcae_jax import visualize
+from rcae_jax.datasets import folder
 
 
 def gaussian_kernel(sigma: float) -> np.ndarray:
@@ -209,6 +210,8 @@ def evaluate(params, loader, config, workdir: str, writer=None,
   validate.check_scoring(config)
   t0 = time.time()
   predict_fn = make_predict_fn(config)
+  if folder.good_only(loader.files):
+    return thresholds_only(params, loader, config, workdir, predict_fn, extra)
   examples = loader.files.test
   show = picture_indices(examples, config.eval.pictures_per_type)
   maps, scores, labels, small_masks, kept = run_predictions(
@@ -264,6 +267,32 @@ def evaluate(params, loader, config, workdir: str, writer=None,
                            num_test_images=int(len(labels)),
                            **(extra or {}))}
   if primary:
+    fileio.write_json_atomic(os.path.join(workdir, 'metrics.json'), report)
+    fileio.write_text_atomic(os.path.join(workdir, 'results.md'),
+                             results_table(report))
+  return report
+
+
+def thresholds_only(params, loader, config, workdir: str, predict_fn,
+                    extra=None) -> dict:
+  """Evaluation of a good-only category (no test/ folder): thresholds.json
+  from the held-out good images, so that `predict` works, and a metrics.json
+  without metrics (it marks the category finished for multi-category runs
+  and says why it is empty)."""
+  thresholds = choose_thresholds(params, loader, config, predict_fn)
+  category = loader.files.category
+  logging.warning(
+      '%s: no test/ folder (good-only category): thresholds.json set from %d '
+      '%s; test metrics, maps, pictures and learning curves skipped. Add '
+      'test/good, test/<defect> and ground_truth/<defect> to measure '
+      'accuracy.', os.path.join(loader.files.root, category),
+      thresholds['num_images'], thresholds['source'])
+  report = {category: dict(scoring=config.eval.scoring, num_test_images=0,
+                           test_metrics='skipped: no test/ folder',
+                           **(extra or {}))}
+  if jax.process_index() == 0:
+    fileio.write_json_atomic(os.path.join(workdir, 'thresholds.json'),
+                             thresholds)
     fileio.write_json_atomic(os.path.join(workdir, 'metrics.json'), report)
     fileio.write_text_atomic(os.path.join(workdir, 'results.md'),
                              results_table(report))

@@ -18,6 +18,7 @@ from rcae_jax import validate
 from rcae_jax import workdir_lock
 from rcae_jax import writers
 from rcae_jax.datasets import check
+from rcae_jax.datasets import folder
 
 
 def prepare(config, workdir: str):
@@ -60,14 +61,22 @@ def dispatch(config, workdir: str) -> dict:
     from rcae_jax import export  # pylint: disable=g-import-not-at-top
     return export.run_export(config, workdir)
   loader = prepare(config, workdir)
+  if config.mode == 'depth_report' and folder.good_only(loader.files):
+    raise folder.DataError(
+        f'depth_report needs test images with masks; '
+        f'{os.path.join(loader.files.root, loader.files.category)!r} has no '
+        'test/ folder')
   if config.mode == 'depth_report':
     from rcae_jax import depth_report  # pylint: disable=g-import-not-at-top
     return depth_report.run_depth_report(
         jax.device_get(train.load_params(config, workdir)), loader, config,
         workdir)
   if config.mode == 'train':
+    # A good-only category has no test set to draw curves from (evaluate
+    # says so once, when it skips the test metrics).
     hook = (evaluate.make_curve_hook(config, loader)
-            if config.eval.every_steps else None)
+            if config.eval.every_steps and not folder.good_only(loader.files)
+            else None)
     params = train.train_and_checkpoint(config, workdir, loader, hook)
     if hook is not None and jax.process_index() == 0:
       from rcae_jax import learning_curves  # pylint: disable=g-import-not-at-top
