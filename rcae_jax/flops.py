@@ -147,9 +147,10 @@ def model_report(config, params) -> dict:
   Only traces (jax.make_jaxpr on shapes): nothing runs or compiles."""
   from rcae_jax import train  # pylint: disable=g-import-not-at-top
   nets = train.build_networks(config.model)
-  s, n = config.data.image_size, config.model.depth
-  x = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
-  recs = jax.ShapeDtypeStruct((n, 1, s, s, 3), jnp.float32)
+  from rcae_jax import geometry  # pylint: disable=g-import-not-at-top
+  (h, w), n = geometry.model_hw(config.data), config.model.depth
+  x = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
+  recs = jax.ShapeDtypeStruct((n, 1, h, w, 3), jnp.float32)
   parts = {
       'rcae': (lambda p, x: train.reconstructions(nets, p, x), (x,)),
       'dpn': (lambda p, r, x: train.details(nets, p, r, x, True), (recs, x)),

@@ -12,6 +12,7 @@ import numpy as np
 from rcae_jax import evaluate
 from rcae_jax import fileio
 from rcae_jax import flops
+from rcae_jax import geometry
 from rcae_jax import input_pipeline
 from rcae_jax import train
 from rcae_jax import validate
@@ -28,7 +29,8 @@ def prepare(config, workdir: str):
                files.category, len(files.train), len(files.test))
   if config.data.check_files:
     check.validate_category(files, workers=config.data.num_workers,
-                            image_size=config.data.image_size)
+                            image_size=geometry.model_hw(config.data),
+                            resize=config.data.resize)
   train_files, val = input_pipeline.split_validation(
       files, config.data.val_fraction, config.seed)
   loader = input_pipeline.make_loader(config.data, train_files, val)
@@ -117,10 +119,10 @@ def log_model_cost(config, params, workdir: str) -> None:
   """Parameters and analytic FLOPs per component, to the log and to
   <workdir>/model_report.json (XLA's cost analysis undercounts convs)."""
   report = flops.model_report(config, params)
+  height, width = geometry.model_hw(config.data)
   for name, r in report.items():
-    logging.info('%s: %s parameters, %.3f GFLOP per %d px image', name,
-                 f"{r['params']:,}", r['gflop_per_image'],
-                 config.data.image_size)
+    logging.info('%s: %s parameters, %.3f GFLOP per %dx%d px image', name,
+                 f"{r['params']:,}", r['gflop_per_image'], height, width)
   if jax.process_index() == 0:
     fileio.write_json_atomic(os.path.join(workdir, 'model_report.json'),
                              report)

@@ -46,6 +46,7 @@ import optax
 from rcae_jax import anomalies
 from rcae_jax import checkpoints
 from rcae_jax import fileio
+from rcae_jax import geometry
 from rcae_jax import input_pipeline
 from rcae_jax import losses
 from rcae_jax import models
@@ -87,8 +88,11 @@ def to_float(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32)
 
 
-def init_params(nets: Networks, rng: jax.Array, image_size: int) -> dict:
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+def init_params(nets: Networks, rng: jax.Array, image_size) -> dict:
+  """`image_size`: S or (H, W) (the shapes do not depend on it: the
+  networks are fully convolutional)."""
+  height, width = geometry.as_hw(image_size)
+  x = jnp.zeros((1, height, width, 3), jnp.float32)
   k1, k2, k3 = jax.random.split(rng, 3)
   rcae = nets.rcae.init(k1, x)['params']
   recs = jnp.zeros((nets.rcae.depth, *x.shape), jnp.float32)
@@ -446,6 +450,9 @@ def model_signature(config) -> dict:
   saved copy."""
   sig = {f'model.{k}': v for k, v in config.model.to_dict().items()}
   sig['data.image_size'] = config.data.image_size
+  # Same shapes either way, but a model trained on padded images is not
+  # one trained on squashed ones.
+  sig['data.resize'] = config.data.resize
   return json.loads(json.dumps(sig, default=str))
 
 
