@@ -72,8 +72,15 @@ def get_config() -> ml_collections.ConfigDict:
   # Fraction of train/good held out (never trained on) to set the image
   # and pixel thresholds without looking at test labels.
   data.val_fraction = 0.1
-  # Model input size (square); images are resized to it.
-  data.image_size = 64
+  # Model input size: a side S (square) or, ours, a pair (H, W), e.g.
+  # --config.data.image_size='(128,320)' for long parts. Declared with
+  # type object so the command line may give either.
+  data.image_size = ml_collections.FieldReference(64, field_type=object)
+  # (ours) How each image becomes (H, W) (rcae_jax/geometry.py): 'squash'
+  # (resized to it, aspect ratio lost, the original behaviour) or
+  # 'keep_aspect' (scaled to fit inside it, edge-padded; maps are cropped
+  # back to the image and the padding counts in no metric or score).
+  data.resize = 'squash'
   # 'auto' (tf.data if TensorFlow imports, else in memory), 'tfdata' or
   # 'memory'. Both yield identical batches for the same seed.
   data.loader = 'auto'

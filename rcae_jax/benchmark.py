@@ -96,7 +96,11 @@ def _with(config, *, dtype: str, image_size: int):
   config, possibly locked by the flags, is left untouched)."""
   cfg = config.copy_and_resolve_references()
   cfg.model.dtype = dtype
-  cfg.data.image_size = int(image_size)
+  with cfg.unlocked():
+    # The resolved copy keeps the type of the config's value, which may be
+    # a (H, W) pair: replace the field rather than assign across types.
+    del cfg.data['image_size']
+    cfg.data.image_size = int(image_size)
   return cfg
 
 

@@ -255,6 +255,9 @@ def model_signature(config) -> dict:
   saved copy."""
   sig = {f'model.{k}': v for k, v in config.model.to_dict().items()}
   sig['data.image_size'] = config.data.image_size
+  # Same shapes either way, but a model trained on padded images is not
+  # one trained on squashed ones.
+  sig['data.resize'] = config.data.resize
   return json.loads(json.dumps(sig, default=str))
 
 

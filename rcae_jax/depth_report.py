@@ -61,7 +61,8 @@ def run_depth_report(params, loader, config, workdir: str) -> dict:
   if not masks.any() or masks.all():
     raise ValueError('depth_report needs test masks with both defect and '
                      'good pixels')
-  report = {'image_size': int(config.data.image_size),
+  size = config.data.image_size  # S, or (H, W) as a list in the JSON.
+  report = {'image_size': size if isinstance(size, int) else list(size),
             'defect_pixels': int(masks.sum()), 'pixels': int(masks.size),
             'rcae': summarize(rows['rec'].swapaxes(0, 1), masks)}
   if use_dpn:

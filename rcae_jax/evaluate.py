@@ -29,10 +29,12 @@ from PIL import Image
 
 from rcae_jax import export_maps
 from rcae_jax import fileio
+from rcae_jax import geometry
 from rcae_jax import inference
 from rcae_jax import metrics as metrics_lib
 from rcae_jax import validate
 from rcae_jax import visualize
+from rcae_jax.datasets import folder
 
 
 def gaussian_kernel(sigma: float) -> np.ndarray:
@@ -64,13 +66,23 @@ def box_blur(maps: jax.Array, size: int) -> jax.Array:
   return summed / (size * size)
 
 
-def image_scores(maps: jax.Array, eval_cfg) -> jax.Array:
+def image_scores(maps: jax.Array, eval_cfg, valid=None) -> jax.Array:
+  """[B, H, W] maps to [B] scores. `valid` (bool [B, H, W], or None for
+  all): the region the score may come from. Outside it (the padding of
+  data.resize='keep_aspect') the map counts as zero in the smoothing, as
+  outside the image for a squashed one, and never as the maximum."""
+  if valid is not None:
+    maps = jnp.where(valid, maps, 0.0)
   if eval_cfg.image_score == 'mean':
-    return maps.mean(axis=(1, 2))
+    if valid is None:
+      return maps.mean(axis=(1, 2))
+    return maps.sum(axis=(1, 2)) / jnp.maximum(valid.sum(axis=(1, 2)), 1)
   if eval_cfg.smoothing == 'gaussian':
     smooth = gaussian_blur(maps, eval_cfg.smoothing_size / 3)
   else:
     smooth = box_blur(maps, eval_cfg.smoothing_size)
+  if valid is not None:
+    smooth = jnp.where(valid, smooth, -jnp.inf)
   return smooth.max(axis=(1, 2))
 
 
@@ -98,8 +110,10 @@ def recursion_error_map(dets: jax.Array, x: jax.Array,
                    f'got {reduce!r}')
 
 
-def predict(params, images, *, nets: inference.Networks, config):
-  """Full inference: reconstructions, detail-restored ones, map, score."""
+def predict(params, images, extents=None, *, nets: inference.Networks, config):
+  """Full inference: reconstructions, detail-restored ones, map, score.
+  `extents` (int [B, 2], data.resize='keep_aspect'): each image's valid
+  region, the only place its score may come from; None: all of it."""
   x = inference.to_float(images)
   recs = inference.reconstructions(nets, params, x)
   dets = inference.details(nets, params, recs, x, inference.uses_dpn(config))
@@ -113,8 +127,10 @@ def predict(params, images, *, nets: inference.Networks, config):
   else:
     raise ValueError(f"eval.scoring must be 'crd' or 'recursion', got "
                      f'{config.eval.scoring!r}')
+  valid = (None if extents is None
+           else geometry.valid_mask(extents, amap.shape[1:]))
   return {'recs': recs, 'details': dets, 'map': amap,
-          'score': image_scores(amap, config.eval)}
+          'score': image_scores(amap, config.eval, valid)}
 
 
 def make_predict_fn(config, nets=None):
@@ -154,10 +170,13 @@ def run_predictions(params, loader, config, split: str = 'test',
   pictures; everything else is dropped at once to bound host memory)."""
   predict_fn = predict_fn or make_predict_fn(config)
   keep, kept, offset = set(keep), {}, 0
+  # Squashed images fill the model size: the program without extents.
+  padded = config.data.resize != 'squash'
 
   def step(batch, valid):
     nonlocal offset
-    out = predict_fn(params, batch['image'])
+    out = (predict_fn(params, batch['image'], batch['extent']) if padded
+           else predict_fn(params, batch['image']))
     for j in np.flatnonzero(valid):
       if offset + j in keep:
         kept[offset + j] = (np.asarray(out['recs'][:, j]),
@@ -179,6 +198,9 @@ def choose_thresholds(params, loader, config, predict_fn) -> dict:
                     'come from training images and will be too low.')
   maps, scores, _, _, _ = run_predictions(params, loader, config, 'val',
                                           predict_fn)
+  # Valid pixels only (the whole map when squashed).
+  maps = np.concatenate([geometry.crop(m, e).ravel()
+                         for m, e in zip(maps, loader.extents('val'))])
   pixel = float(np.quantile(maps, config.eval.pixel_quantile))
   median = float(np.median(maps))
   return {'image': float(np.quantile(scores, config.eval.image_quantile)),
@@ -190,6 +212,12 @@ def choose_thresholds(params, loader, config, predict_fn) -> dict:
           'num_images': int(len(scores)),
           'source': ('held-out good training images' if held_out
                      else 'training images (no held-out split)')}
+
+
+def valid_regions(masks, maps, extents) -> tuple[list, list]:
+  """Model-size masks and maps as lists of their valid regions."""
+  return ([geometry.crop(m, e) for m, e in zip(masks, extents)],
+          [geometry.crop(m, e) for m, e in zip(maps, extents)])
 
 
 def picture_indices(examples, per_type: int) -> list[int]:
@@ -209,6 +237,8 @@ def evaluate(params, loader, config, workdir: str, writer=None,
   validate.check_scoring(config)
   t0 = time.time()
   predict_fn = make_predict_fn(config)
+  if folder.good_only(loader.files):
+    return thresholds_only(params, loader, config, workdir, predict_fn, extra)
   examples = loader.files.test
   show = picture_indices(examples, config.eval.pictures_per_type)
   maps, scores, labels, small_masks, kept = run_predictions(
@@ -220,14 +250,19 @@ def evaluate(params, loader, config, workdir: str, writer=None,
                              thresholds)
   resolution = config.eval.pixel_resolution
   masks = gt_maps = None
+  # Each map's valid region (all of it when squashed) goes back to its
+  # image's own size: the padding never reaches a metric or a file.
+  extents = loader.extents('test')
   if loader.files.has_masks or config.eval.export_maps:
     full = loader.full_masks()
-    gt_maps = [upsample(m, gt.shape) for m, gt in zip(maps, full)]
+    gt_maps = [upsample(geometry.crop(m, e), gt.shape)
+               for m, e, gt in zip(maps, extents, full)]
   if loader.files.has_masks:
     if resolution == 'ground_truth':
       masks, pixel_maps = full, gt_maps
     else:
-      masks, pixel_maps = list(small_masks.astype(bool)), list(maps)
+      masks, pixel_maps = valid_regions(small_masks.astype(bool), maps,
+                                        extents)
   result = metrics_lib.compute_metrics(
       labels, scores, masks=masks, maps=pixel_maps if masks else None,
       fpr_limit=config.eval.pro_fpr_limit)
@@ -270,6 +305,32 @@ def evaluate(params, loader, config, workdir: str, writer=None,
   return report
 
 
+def thresholds_only(params, loader, config, workdir: str, predict_fn,
+                    extra=None) -> dict:
+  """Evaluation of a good-only category (no test/ folder): thresholds.json
+  from the held-out good images, so that `predict` works, and a metrics.json
+  without metrics (it marks the category finished for multi-category runs
+  and says why it is empty)."""
+  thresholds = choose_thresholds(params, loader, config, predict_fn)
+  category = loader.files.category
+  logging.warning(
+      '%s: no test/ folder (good-only category): thresholds.json set from %d '
+      '%s; test metrics, maps, pictures and learning curves skipped. Add '
+      'test/good, test/<defect> and ground_truth/<defect> to measure '
+      'accuracy.', os.path.join(loader.files.root, category),
+      thresholds['num_images'], thresholds['source'])
+  report = {category: dict(scoring=config.eval.scoring, num_test_images=0,
+                           test_metrics='skipped: no test/ folder',
+                           **(extra or {}))}
+  if jax.process_index() == 0:
+    fileio.write_json_atomic(os.path.join(workdir, 'thresholds.json'),
+                             thresholds)
+    fileio.write_json_atomic(os.path.join(workdir, 'metrics.json'), report)
+    fileio.write_text_atomic(os.path.join(workdir, 'results.md'),
+                             results_table(report))
+  return report
+
+
 CURVE_KEYS = ('image_auroc', 'pixel_auroc', 'au_pro')
 
 
@@ -302,9 +363,11 @@ def make_curve_hook(config, loader):
     maps, scores, labels, masks, _ = run_predictions(
         params, loader, cfg, 'test', predict_fns[stage])
     has_masks = loader.files.has_masks
+    masks, maps = valid_regions(masks.astype(bool), maps,
+                                loader.extents('test'))
     result = metrics_lib.compute_metrics(
-        labels, scores, masks=list(masks.astype(bool)) if has_masks else None,
-        maps=list(maps) if has_masks else None,
+        labels, scores, masks=masks if has_masks else None,
+        maps=maps if has_masks else None,
         fpr_limit=config.eval.pro_fpr_limit)
     point = {f'curve/{k}': float(result[k]) for k in CURVE_KEYS
              if k in result}
@@ -324,19 +387,22 @@ def save_pictures(workdir, loader, examples, kept, maps, small_masks, labels,
   """Panels for the sampled test images and ROC / PRO curves as PNG under
   <workdir>/pictures; returns a few as TensorBoard images."""
   out = os.path.join(workdir, 'pictures')
-  vmin, vmax = visualize.value_range(list(maps))
+  extents = loader.extents('test')
+  # Panels show each image's valid region only (all of it when squashed).
+  vmin, vmax = visualize.value_range(
+      [geometry.crop(m, e) for m, e in zip(maps, extents)])
   tb = {}
   # Small model inputs are enlarged (nearest) so the panels stay legible.
   k = max(1, -(-128 // maps.shape[1]))
   up = lambda a: np.repeat(np.repeat(np.asarray(a), k, -2 if a.ndim == 2
                                      else -3), k, -1 if a.ndim == 2 else -2)
   for i, (recs, dets) in sorted(kept.items()):
-    ex = examples[i]
+    ex, valid = examples[i], lambda a, e=extents[i]: up(geometry.crop(a, e))
     strip = visualize.panel(
-        up(loader.eval_image(i)), [up(np.clip(r, 0, 1)) for r in recs],
-        [up(np.clip(d, 0, 1)) for d in dets] if inference.uses_dpn(config)
-        else None, up(maps[i]), vmin, vmax,
-        gt_mask=up(small_masks[i].astype(bool)),
+        valid(loader.eval_image(i)), [valid(np.clip(r, 0, 1)) for r in recs],
+        [valid(np.clip(d, 0, 1)) for d in dets] if inference.uses_dpn(config)
+        else None, valid(maps[i]), vmin, vmax,
+        gt_mask=valid(small_masks[i].astype(bool)),
         threshold=thresholds['pixel'])
     stem = os.path.splitext(os.path.basename(ex.path))[0]
     visualize.save_png(os.path.join(out, ex.defect_type, f'{stem}.png'), strip)

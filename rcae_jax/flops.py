@@ -145,11 +145,12 @@ def model_report(config, params) -> dict:
   """Parameters and analytic GFLOP per image of each component at the
   config's image size: RcAE (all N reconstructions), DPN (on all N), CRD.
   Only traces (jax.make_jaxpr on shapes): nothing runs or compiles."""
+  from rcae_jax import geometry  # pylint: disable=g-import-not-at-top
   from rcae_jax import inference  # pylint: disable=g-import-not-at-top
   nets = inference.build_networks(config.model)
-  s, n = config.data.image_size, config.model.depth
-  x = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
-  recs = jax.ShapeDtypeStruct((n, 1, s, s, 3), jnp.float32)
+  (h, w), n = geometry.model_hw(config.data), config.model.depth
+  x = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
+  recs = jax.ShapeDtypeStruct((n, 1, h, w, 3), jnp.float32)
   parts = {
       'rcae': (lambda p, x: inference.reconstructions(nets, p, x), (x,)),
       'dpn': (lambda p, r, x: inference.details(nets, p, r, x, True),

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rcae_jax import geometry
 from rcae_jax import losses
 from rcae_jax import models
 
@@ -55,9 +56,12 @@ def to_float(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32)
 
 
-def init_params(nets: Networks, rng: jax.Array, image_size: int) -> dict:
-  """{'rcae', 'dpn', 'crd'} parameters from one rng."""
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+def init_params(nets: Networks, rng: jax.Array, image_size) -> dict:
+  """{'rcae', 'dpn', 'crd'} parameters from one rng. `image_size`: S or
+  (H, W) (the shapes do not depend on it: the networks are fully
+  convolutional)."""
+  height, width = geometry.as_hw(image_size)
+  x = jnp.zeros((1, height, width, 3), jnp.float32)
   k1, k2, k3 = jax.random.split(rng, 3)
   rcae = nets.rcae.init(k1, x)['params']
   recs = jnp.zeros((nets.rcae.depth, *x.shape), jnp.float32)
@@ -66,7 +70,7 @@ def init_params(nets: Networks, rng: jax.Array, image_size: int) -> dict:
   return {'rcae': rcae, 'dpn': dpn, 'crd': crd}
 
 
-def abstract_params(nets: Networks, image_size: int):
+def abstract_params(nets: Networks, image_size):
   """init_params' shapes and dtypes, nothing computed or allocated."""
   return jax.eval_shape(functools.partial(init_params, nets,
                                           image_size=image_size),

@@ -5,10 +5,12 @@ Both loaders serve exactly the same examples in the same order:
   resumed at step s sees the batches an uninterrupted run would have seen;
 - both decode with the same Pillow code (`datasets.decode`).
 
-Training batches: {'image': uint8 [B, S, S, 3]}. Images travel as uint8 (a
-quarter of the bytes of float32) and are scaled to [0, 1] on the device.
-Test batches: {'image', 'mask' (uint8 {0,1} [B, S, S]), 'label', 'valid'};
-the last batch is padded and 'valid' marks the real examples.
+Training batches: {'image': uint8 [B, H, W, 3]}, (H, W) the model size
+(`data.image_size`, laid out per `data.resize`: geometry.py). Images travel
+as uint8 (a quarter of the bytes of float32) and are scaled to [0, 1] on
+the device. Test batches: {'image', 'mask' (uint8 {0,1} [B, H, W]),
+'label', 'valid', 'extent' (int32 [B, 2]: each image's valid region)}; the
+last batch is padded and 'valid' marks the real examples.
 
 Training augmentation (`data.augment`, off by default): flips and 90-degree
 rotations applied on the host in numpy by `augment_batch`, the same function
@@ -30,6 +32,7 @@ from typing import Iterator
 import numpy as np
 
 from rcae_jax import fileio
+from rcae_jax import geometry
 from rcae_jax.datasets import decode, folder, synthetic
 
 
@@ -177,15 +180,20 @@ def augment_batch(images: np.ndarray, step: int, seed: int, ops,
 
 class Loader:
   """Shared interface; subclasses implement `train_batches` and
-  `test_batches`. `augment`: training augmentation ops (`parse_augment`)."""
+  `test_batches`. `image_size`: S or (H, W); `resize`: 'squash' or
+  'keep_aspect' (geometry.py). `augment`: training augmentation ops
+  (`parse_augment`)."""
 
   name = 'base'
 
-  def __init__(self, files: folder.CategoryFiles, image_size: int,
+  def __init__(self, files: folder.CategoryFiles, image_size,
                num_workers: int = 4, val: tuple[str, ...] = (),
-               augment=''):
+               augment='', resize: str = 'squash'):
     self.files = files
     self.image_size = image_size
+    self.hw = geometry.as_hw(image_size)
+    self.resize = resize
+    self._extents = {}
     self.num_workers = num_workers
     self.augment = parse_augment(augment)  # Fails at construction.
     # Evaluation splits: 'test' and the good images thresholds are set on
@@ -206,15 +214,33 @@ class Loader:
   def num_test(self) -> int:
     return len(self.files.test)
 
+  def load_image(self, path: str) -> np.ndarray:
+    """One image as the model input uint8 [H, W, 3]."""
+    return geometry.load_image(path, self.hw, self.resize)
+
   def _test_mask(self, i: int, split: str = 'test') -> np.ndarray:
     ex = self.examples[split][i]
     shape = decode.image_shape(ex.path)
     mask = decode.load_mask(ex.mask_path, shape)
-    return decode.resize_mask(mask, self.image_size).astype(np.uint8)
+    return geometry.layout_mask(mask, self.hw, self.resize).astype(np.uint8)
+
+  def extents(self, split: str = 'test') -> np.ndarray:
+    """int32 [n, 2]: each example's valid region at the model size (all
+    of it when squashed; then no file is opened)."""
+    if split not in self._extents:
+      examples = self.examples[split]
+      if self.resize == 'squash':
+        ext = np.tile(np.asarray(self.hw, np.int32), (len(examples), 1))
+      else:
+        ext = np.asarray([geometry.extent(decode.image_shape(e.path), self.hw,
+                                          self.resize) for e in examples],
+                         np.int32).reshape(-1, 2)
+      self._extents[split] = ext
+    return self._extents[split]
 
   def eval_image(self, i: int, split: str = 'test') -> np.ndarray:
     """One evaluation image at the model size (for pictures)."""
-    return decode.load_image(self.examples[split][i].path, self.image_size)
+    return self.load_image(self.examples[split][i].path)
 
   def full_masks(self) -> list[np.ndarray]:
     """Ground-truth masks at their original resolution, in test order."""
@@ -242,8 +268,9 @@ class MemoryLoader(Loader):
 
   name = 'memory'
 
-  def __init__(self, files, image_size, num_workers=4, val=(), augment=''):
-    super().__init__(files, image_size, num_workers, val, augment)
+  def __init__(self, files, image_size, num_workers=4, val=(), augment='',
+               resize='squash'):
+    super().__init__(files, image_size, num_workers, val, augment, resize)
     self._train = None
     self._eval = {}
 
@@ -253,15 +280,13 @@ class MemoryLoader(Loader):
 
   def train_images(self) -> np.ndarray:
     if self._train is None:
-      self._train = self._decode_all(
-          lambda p: decode.load_image(p, self.image_size), self.files.train)
+      self._train = self._decode_all(self.load_image, self.files.train)
     return self._train
 
   def eval_arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
     if split not in self._eval:
       examples = self.examples[split]
-      images = self._decode_all(
-          lambda e: decode.load_image(e.path, self.image_size), examples)
+      images = self._decode_all(lambda e: self.load_image(e.path), examples)
       masks = self._decode_all(lambda i: self._test_mask(i, split),
                                range(len(examples)))
       self._eval[split] = images, masks
@@ -280,6 +305,7 @@ class MemoryLoader(Loader):
 
   def test_batches(self, batch_size, split='test'):
     images, masks = self.eval_arrays(split)
+    extents = self.extents(split)
     n = len(self.examples[split])
     labels = np.array([e.label for e in self.examples[split]], np.int32)
     order = padded_test_order(n, batch_size)
@@ -287,7 +313,7 @@ class MemoryLoader(Loader):
     for s in range(0, len(order), batch_size):
       idx = order[s:s + batch_size]
       yield {'image': images[idx], 'mask': masks[idx], 'label': labels[idx],
-             'valid': valid[s:s + batch_size]}
+             'valid': valid[s:s + batch_size], 'extent': extents[idx]}
 
 
 def import_tensorflow():
@@ -313,19 +339,20 @@ class TFDataLoader(Loader):
 
   name = 'tfdata'
 
-  def __init__(self, files, image_size, num_workers=4, val=(), augment=''):
-    super().__init__(files, image_size, num_workers, val, augment)
+  def __init__(self, files, image_size, num_workers=4, val=(), augment='',
+               resize='squash'):
+    super().__init__(files, image_size, num_workers, val, augment, resize)
     self.tf = import_tensorflow()
 
   def _decode_map(self, paths):
-    tf, size = self.tf, self.image_size
+    tf = self.tf
 
     def load(i):
-      return decode.load_image(paths[int(i)], size)
+      return self.load_image(paths[int(i)])
 
     def fn(i):
       img = tf.numpy_function(load, [i], tf.uint8, stateful=False)
-      img.set_shape((size, size, 3))
+      img.set_shape(self.hw + (3,))
       return img
     return fn
 
@@ -371,23 +398,23 @@ class TFDataLoader(Loader):
     examples = self.examples[split]
     order = padded_test_order(len(examples), batch_size)
     labels = np.array([e.label for e in examples], np.int32)
-    size = self.image_size
 
     def load_mask(i):
       return self._test_mask(int(i), split)
 
     def mask_fn(i):
       m = tf.numpy_function(load_mask, [i], tf.uint8, stateful=False)
-      m.set_shape((size, size))
+      m.set_shape(self.hw)
       return m
 
     decode_image = self._decode_map([e.path for e in examples])
     ds = tf.data.Dataset.from_tensor_slices({
         'index': order, 'label': labels[order],
-        'valid': np.arange(len(order)) < len(examples)})
+        'valid': np.arange(len(order)) < len(examples),
+        'extent': self.extents(split)[order]})
     ds = ds.map(lambda d: {'image': decode_image(d['index']),
                            'mask': mask_fn(d['index']), 'label': d['label'],
-                           'valid': d['valid']},
+                           'valid': d['valid'], 'extent': d['extent']},
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return self._numpy(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
@@ -412,9 +439,9 @@ def make_loader(data_cfg, files: folder.CategoryFiles, val=()) -> Loader:
                  '' if choice == 'tfdata' else ' (TensorFlow not importable)')
   if choice == 'tfdata':
     return TFDataLoader(files, data_cfg.image_size, data_cfg.num_workers, val,
-                        augment)
+                        augment, data_cfg.resize)
   if choice == 'memory':
     return MemoryLoader(files, data_cfg.image_size, data_cfg.num_workers, val,
-                        augment)
+                        augment, data_cfg.resize)
   raise ValueError(f"data.loader must be 'auto', 'tfdata' or 'memory', got "
                    f'{choice!r}')

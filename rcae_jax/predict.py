@@ -5,7 +5,8 @@ and thresholds.json) and scores `config.predict.inputs` (a folder, searched
 recursively, or comma-separated folders and image files) of any size: each
 image is resized to the model size, batches are padded to a fixed size
 (one compiled program for every input, whatever its resolution), and each
-map is resized back to the image's own resolution. Per image: a float32
+map (its valid region, with data.resize='keep_aspect') is resized back to
+the image's own resolution. Per image: a float32
 TIFF map and an overlay PNG under its unique name (predict_inputs.py), and
 a row with the image score and an OK/DEFECT decision at the stored image
 threshold.
@@ -32,6 +33,7 @@ from rcae_jax import checkpoints
 from rcae_jax import evaluate
 from rcae_jax import export_maps
 from rcae_jax import fileio
+from rcae_jax import geometry
 from rcae_jax import predict_inputs
 from rcae_jax import predict_report
 from rcae_jax import visualize
@@ -80,11 +82,17 @@ def decoded_chunks(inputs, batch_size: int, workers: int):
       yield chunk, [f.result() for f in current]
 
 
-def padded_batch(images, batch_size: int, size: int) -> np.ndarray:
-  """uint8 [batch_size, size, size, 3]: the images resized, zero-padded."""
-  small = [decode.resize_image(im, size) for im in images]
-  pad = [np.zeros((size, size, 3), np.uint8)] * (batch_size - len(small))
-  return np.stack(small + pad)
+def padded_batch(images, batch_size: int, size, resize: str = 'squash'
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 [batch_size, H, W, 3], int32 [batch_size, 2]): the images laid
+  out at the model size `size` (S or (H, W); geometry.py), the batch
+  zero-padded to a fixed size, and each image's valid region."""
+  hw = geometry.as_hw(size)
+  small = [geometry.layout_image(im, hw, resize) for im in images]
+  pad = [np.zeros(hw + (3,), np.uint8)] * (batch_size - len(small))
+  extents = [geometry.extent(im.shape[:2], hw, resize) for im in images]
+  extents += [hw] * (batch_size - len(small))
+  return np.stack(small + pad), np.asarray(extents, np.int32)
 
 
 def score_chunk(predict_fn, params, chunk, decoded, config, thresholds,
@@ -93,9 +101,11 @@ def score_chunk(predict_fn, params, chunk, decoded, config, thresholds,
   ok = [j for j, (image, _) in enumerate(decoded) if image is not None]
   row_of = {j: k for k, j in enumerate(ok)}  # Chunk index -> batch row.
   if ok:
-    batch = padded_batch([decoded[j][0] for j in ok], config.eval.batch_size,
-                         config.data.image_size)
-    out = predict_fn(params, batch)
+    batch, extents = padded_batch([decoded[j][0] for j in ok],
+                                  config.eval.batch_size,
+                                  config.data.image_size, config.data.resize)
+    out = (predict_fn(params, batch) if config.data.resize == 'squash'
+           else predict_fn(params, batch, extents))
     maps, scores = np.asarray(out['map']), np.asarray(out['score'])
   rows = []
   for j, (x, (image, reason)) in enumerate(zip(chunk, decoded)):
@@ -104,7 +114,8 @@ def score_chunk(predict_fn, params, chunk, decoded, config, thresholds,
       rows.append(dict(row, decision=predict_report.ERROR, error=reason))
       continue
     k = row_of[j]
-    amap = evaluate.upsample(maps[k], image.shape[:2])
+    amap = evaluate.upsample(geometry.crop(maps[k], extents[k]),
+                             image.shape[:2])
     map_path = os.path.join(out_dir, x.name + '.tiff')
     overlay_path = os.path.join(out_dir, x.name + '.overlay.png')
     export_maps.write_tiff_atomic(map_path, amap)

@@ -13,12 +13,14 @@ from rcae_jax import checkpoints
 from rcae_jax import evaluate
 from rcae_jax import fileio
 from rcae_jax import flops
+from rcae_jax import geometry
 from rcae_jax import input_pipeline
 from rcae_jax import train
 from rcae_jax import validate
 from rcae_jax import workdir_lock
 from rcae_jax import writers
 from rcae_jax.datasets import check
+from rcae_jax.datasets import folder
 
 
 def prepare(config, workdir: str):
@@ -28,7 +30,8 @@ def prepare(config, workdir: str):
                files.category, len(files.train), len(files.test))
   if config.data.check_files:
     check.validate_category(files, workers=config.data.num_workers,
-                            image_size=config.data.image_size)
+                            image_size=geometry.model_hw(config.data),
+                            resize=config.data.resize)
   train_files, val = input_pipeline.split_validation(
       files, config.data.val_fraction, config.seed)
   loader = input_pipeline.make_loader(config.data, train_files, val)
@@ -71,13 +74,21 @@ def dispatch(config, workdir: str) -> dict:
     from rcae_jax import export  # pylint: disable=g-import-not-at-top
     return export.run_export(config, workdir)
   loader = prepare(config, workdir)
+  if config.mode == 'depth_report' and folder.good_only(loader.files):
+    raise folder.DataError(
+        f'depth_report needs test images with masks; '
+        f'{os.path.join(loader.files.root, loader.files.category)!r} has no '
+        'test/ folder')
   if config.mode == 'depth_report':
     from rcae_jax import depth_report  # pylint: disable=g-import-not-at-top
     params = jax.device_get(checkpoints.load_params(config, workdir))
     return depth_report.run_depth_report(params, loader, config, workdir)
   if config.mode == 'train':
+    # A good-only category has no test set to draw curves from (evaluate
+    # says so once, when it skips the test metrics).
     hook = (evaluate.make_curve_hook(config, loader)
-            if config.eval.every_steps else None)
+            if config.eval.every_steps and not folder.good_only(loader.files)
+            else None)
     params = train.train_and_checkpoint(config, workdir, loader, hook)
     if hook is not None and jax.process_index() == 0:
       from rcae_jax import learning_curves  # pylint: disable=g-import-not-at-top
@@ -118,10 +129,10 @@ def log_model_cost(config, params, workdir: str) -> None:
   """Parameters and analytic FLOPs per component, to the log and to
   <workdir>/model_report.json (XLA's cost analysis undercounts convs)."""
   report = flops.model_report(config, params)
+  height, width = geometry.model_hw(config.data)
   for name, r in report.items():
-    logging.info('%s: %s parameters, %.3f GFLOP per %d px image', name,
-                 f"{r['params']:,}", r['gflop_per_image'],
-                 config.data.image_size)
+    logging.info('%s: %s parameters, %.3f GFLOP per %dx%d px image', name,
+                 f"{r['params']:,}", r['gflop_per_image'], height, width)
   if jax.process_index() == 0:
     fileio.write_json_atomic(os.path.join(workdir, 'model_report.json'),
                              report)

@@ -64,10 +64,23 @@ def validate(config) -> None:
   # DPN / CRD U-Nets have 4 levels; the recursion halves `levels_in_use`
   # times.
   factor = 2 ** max(levels_in_use, 4)
-  if d.image_size % factor:
+  from rcae_jax import geometry  # pylint: disable=g-import-not-at-top
+  _choice(d.resize, 'data.resize', geometry.RESIZE_MODES)
+  height, width = geometry.as_hw(d.image_size)
+  if height % factor or width % factor or min(height, width) < 1:
     raise ConfigError(
         f'config.data.image_size={d.image_size} must be divisible by '
-        f'{factor} (2**max(recursion levels, 4 U-Net levels))')
+        f'{factor}' + ('' if height == width else ' on both sides (H, W)') +
+        ' (2**max(recursion levels, 4 U-Net levels))')
+  if height != width and 'rot90' in str(d.augment):
+    raise ConfigError(
+        f"config.data.augment='{d.augment}': rot90 needs a square "
+        f'config.data.image_size, got (H, W) = {(height, width)}')
+  if config.mode == 'export' and (height != width or d.resize != 'squash'):
+    raise ConfigError(
+        "config.mode='export' supports a square config.data.image_size with "
+        "config.data.resize='squash' only, got image_size="
+        f'{d.image_size}, resize={d.resize!r}')
   if t.batch_size < 1 or e.batch_size < 1:
     raise ConfigError('config.train.batch_size and config.eval.batch_size '
                       'must be >= 1')
@@ -78,10 +91,12 @@ def validate(config) -> None:
                         'learning_rate > 0')
     _choice(stage.schedule, f'train.stage{s}.schedule',
             ('constant', 'cosine'))
-  if t.crop_size and (t.crop_size > d.image_size or t.crop_size % factor):
+  if t.crop_size and (t.crop_size > min(height, width) or
+                      t.crop_size % factor):
     raise ConfigError(
         f'config.train.crop_size={t.crop_size} must be at most '
-        f'data.image_size={d.image_size} and divisible by {factor}')
+        f'data.image_size={d.image_size} (its shorter side) and divisible '
+        f'by {factor}')
   if e.every_steps < 0:
     raise ConfigError('config.eval.every_steps must be >= 0 (0 = off)')
   if t.stage1.steps == 0 and config.mode == 'train':

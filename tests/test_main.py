@@ -25,6 +25,10 @@ def run_main(*args, tmp_path):
     (['--config.data.root=/definitely/not/here'], "'/definitely/not/here' does not exist"),
     (['--config.model.recursion=sideways'], 'config.model.recursion must be one of'),
     (['--config.data.image_size=60'], 'config.data.image_size=60 must be divisible'),
+    # A pair parses from the command line (issue 16) and is checked per side.
+    (['--config.data.image_size=(64,72)'],
+     'config.data.image_size=(64, 72) must be divisible by 16 on both sides'),
+    (['--config.data.resize=stretch'], 'config.data.resize must be one of'),
 ])
 def test_bad_configuration_fails_with_one_clear_message(args, message,
                                                         tmp_path):

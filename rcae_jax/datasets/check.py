@@ -27,7 +27,7 @@ import dataclasses
 import io
 import logging
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -66,7 +66,7 @@ class Report:
   # Images smaller than the model input (`image_size`): upsampled.
   small: int = 0
   small_examples: list[str] = dataclasses.field(default_factory=list)
-  image_size: Optional[int] = None
+  image_size: Any = None  # S or (H, W)
 
   @property
   def warnings(self) -> list[str]:
@@ -84,8 +84,13 @@ class Report:
                  'value above 0 counts as defect, e.g. '
                  f'{", ".join(self.non_binary_mask_examples)}')
     if self.small:
+      size = self.image_size
+      if not isinstance(size, int) and size[0] == size[1]:
+        size = size[0]
+      where = (f'{size} px on a side' if isinstance(size, int)
+               else f'({size[0]}, {size[1]}) px (H, W)')
       out.append(f'{self.small} image(s) are smaller than data.image_size='
-                 f'{self.image_size} px on a side and will be upsampled, e.g. '
+                 f'{where} and will be upsampled, e.g. '
                  f'{", ".join(self.small_examples)}')
     return out
 
@@ -179,11 +184,23 @@ def _check_test(ex: folder.TestExample) -> tuple[_Result, Optional[_Result]]:
   return image, mask
 
 
+def upsampled(size_wh, image_size, resize: str = 'squash') -> bool:
+  """Whether an image of Pillow size (W, H) is enlarged on the way to the
+  model input `image_size` (S or (H, W)), laid out by `resize`."""
+  hw = (image_size, image_size) if isinstance(image_size, int) else tuple(
+      image_size)
+  w0, h0 = size_wh
+  if resize == 'squash':
+    return h0 < hw[0] or w0 < hw[1]
+  return min(hw[0] / h0, hw[1] / w0) > 1
+
+
 def validate_category(files: folder.CategoryFiles, workers: int = 4,
-                      image_size: Optional[int] = None) -> Report:
+                      image_size=None, resize: str = 'squash') -> Report:
   """Checks every file of `files` once; DataError lists the broken ones.
 
-  `image_size`: the model input; smaller images are reported (upsampled)."""
+  `image_size`: the model input (S or (H, W)), `resize` how images are laid
+  out on it (geometry.py); images it enlarges are reported (upsampled)."""
   report = Report(category=files.category, image_size=image_size)
   errors: list[tuple[str, str]] = []
 
@@ -192,7 +209,7 @@ def validate_category(files: folder.CategoryFiles, workers: int = 4,
     if res.error is not None:
       errors.append((res.path, res.error))
       return
-    if image_size and min(res.size) < image_size:
+    if image_size and upsampled(res.size, image_size, resize):
       report.small += 1
       _note(report.small_examples, res.path)
     if res.mode in _GREY_MODES:

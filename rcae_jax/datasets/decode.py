@@ -33,21 +33,30 @@ def _to_rgb8(img: Image.Image) -> Image.Image:
   return img.convert('RGB')
 
 
-def load_image(path: str, size: int | None) -> np.ndarray:
-  """Decodes `path` to uint8 [size, size, 3] (bilinear, antialiased), or
-  at its own resolution when size is None."""
+def _hw(size) -> tuple[int, int]:
+  """A side S or a pair (H, W) as (H, W)."""
+  return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def load_image(path: str, size) -> np.ndarray:
+  """Decodes `path` to uint8 [H, W, 3] (bilinear, antialiased) for `size`
+  S (H = W = S) or (H, W), or at its own resolution when size is None."""
   img = _to_rgb8(_open(path))
-  if size is not None and img.size != (size, size):
-    img = img.resize((size, size), Image.Resampling.BILINEAR)
+  if size is not None:
+    h, w = _hw(size)
+    if img.size != (w, h):
+      img = img.resize((w, h), Image.Resampling.BILINEAR)
   return np.asarray(img, dtype=np.uint8)
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-  """uint8 [H, W, 3] to [size, size, 3], the same resampling as load_image."""
-  if image.shape[:2] == (size, size):
+def resize_image(image: np.ndarray, size) -> np.ndarray:
+  """uint8 [h0, w0, 3] to [H, W, 3] (`size` S or (H, W)), the same
+  resampling as load_image."""
+  h, w = _hw(size)
+  if image.shape[:2] == (h, w):
     return image
   return np.asarray(Image.fromarray(image).resize(
-      (size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+      (w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def load_mask(path: str | None, shape: tuple[int, int]) -> np.ndarray:
@@ -76,9 +85,11 @@ def image_shape(path: str) -> tuple[int, int]:
     raise DataError(f'cannot read image {path!r}: {e}') from e
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-  """Nearest-neighbour resize of a bool mask to [size, size]."""
-  if mask.shape == (size, size):
+def resize_mask(mask: np.ndarray, size) -> np.ndarray:
+  """Nearest-neighbour resize of a bool mask to [H, W] (`size` S or
+  (H, W))."""
+  h, w = _hw(size)
+  if mask.shape == (h, w):
     return mask
   img = Image.fromarray(mask.astype(np.uint8) * 255)
-  return np.asarray(img.resize((size, size), Image.Resampling.NEAREST)) > 0
+  return np.asarray(img.resize((w, h), Image.Resampling.NEAREST)) > 0

@@ -7,6 +7,9 @@ Layout (MVTec-AD, also used for the built-in category and users' folders):
     <root>/<category>/test/<defect>/*.png
     <root>/<category>/ground_truth/<defect>/<stem>_mask.png
 
+Only train/good is required: a category without test/ is good-only (it
+trains and sets thresholds; there is nothing to measure accuracy on).
+
 Everything here is plain Python on file names: no decoding, no TensorFlow,
 so a bad folder fails in milliseconds with a message naming the path.
 """
@@ -46,6 +49,11 @@ class CategoryFiles:
   has_masks: bool
   # Non-image files that were found and ignored (reported, never silent).
   ignored: tuple[str, ...] = ()
+
+
+def good_only(files: CategoryFiles) -> bool:
+  """True for a category without test/ (see `discover`)."""
+  return not files.test
 
 
 def is_image(name: str) -> bool:
@@ -114,8 +122,15 @@ def discover(root: str, category: str) -> CategoryFiles:
                     f'{", ".join(IMAGE_EXTENSIONS)}, any case)')
   test_dir = os.path.join(cat_dir, 'test')
   if not fileio.isdir(test_dir):
-    raise DataError(f'{test_dir!r} is missing: a category folder needs test/'
-                    'with good/ and one folder per defect type')
+    # A good-only category (a new line has no defects yet): it trains and
+    # sets thresholds on held-out good images; evaluation says, once, that
+    # the test metrics are skipped. An existing but empty test/ is still
+    # refused below: that is more likely a mistake than a choice.
+    if ignored:
+      logging.warning('%s: ignored %d non-image entries, e.g. %s', cat_dir,
+                      len(ignored), ignored[0])
+    return CategoryFiles(root=root, category=category, train=tuple(train),
+                         test=(), has_masks=False, ignored=tuple(ignored))
   test: list[TestExample] = []
   missing_masks: list[str] = []
   any_mask = False

@@ -1,0 +1,70 @@
+"""A good-only category (train/good, no test/): trains, sets thresholds,
+skips the test metrics with one notice, and `predict` works on it."""
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rcae_jax import run as run_lib
+from rcae_jax.datasets import folder, synthetic
+
+
+def _good_only_root(tmp_path, n=10, size=32):
+  """<root>/line/train/good/*.png and nothing else."""
+  good = tmp_path / 'data' / 'line' / 'train' / 'good'
+  good.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  for i in range(n):
+    img = synthetic.texture(rng, size)
+    Image.fromarray((img * 255).astype(np.uint8)).save(good / f'{i:03d}.png')
+  return str(tmp_path / 'data')
+
+
+def test_discover_accepts_a_category_without_test(tmp_path):
+  files = folder.discover(_good_only_root(tmp_path, n=3), 'line')
+  assert len(files.train) == 3 and files.test == () and not files.has_masks
+  assert folder.good_only(files)
+
+
+def test_empty_test_folder_is_still_refused(tmp_path):
+  root = _good_only_root(tmp_path, n=3)
+  os.makedirs(os.path.join(root, 'line', 'test'))
+  with pytest.raises(folder.DataError, match='holds no test images'):
+    folder.discover(root, 'line')
+
+
+def test_good_only_trains_sets_thresholds_and_predicts(make_config, tmp_path,
+                                                       caplog):
+  root = _good_only_root(tmp_path)
+  workdir = str(tmp_path / 'wd')
+  config = make_config(**{'data.root': root, 'data.category': 'line',
+                          'data.val_fraction': 0.2, 'eval.every_steps': 2})
+  with caplog.at_level(logging.WARNING):
+    report = run_lib.run(config, workdir)
+  notices = [r.getMessage() for r in caplog.records
+             if 'good-only' in r.getMessage()]
+  assert len(notices) == 1, notices
+  assert 'test metrics' in notices[0] and 'skipped' in notices[0]
+  assert report['line']['num_test_images'] == 0
+  assert not any(isinstance(v, float) for v in report['line'].values())
+  with open(os.path.join(workdir, 'metrics.json')) as f:
+    assert json.load(f) == json.loads(json.dumps(report))
+  with open(os.path.join(workdir, 'thresholds.json')) as f:
+    thresholds = json.load(f)
+  assert thresholds['num_images'] == 2  # 20% of 10 held out.
+  assert thresholds['source'] == 'held-out good training images'
+  assert np.isfinite([thresholds['image'], thresholds['pixel']]).all()
+  assert not os.path.exists(os.path.join(workdir, 'anomaly_maps'))
+
+  predict = config.copy_and_resolve_references()
+  predict.mode = 'predict'
+  predict.predict.inputs = os.path.join(root, 'line', 'train', 'good')
+  predict.predict.output = str(tmp_path / 'out')
+  rows = run_lib.run(predict, workdir)['predictions']
+  assert len(rows) == 10
+  assert {r['decision'] for r in rows} <= {'OK', 'DEFECT'}
+  assert all(r['threshold'] == thresholds['image'] for r in rows)
