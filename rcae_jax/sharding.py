@@ -51,3 +51,22 @@ def to_global(batch: dict, mesh: Mesh) -> dict:
   sharding = batch_sharded(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
+
+
+def replicate(tree, mesh: Mesh):
+  """Every leaf as one array replicated over the mesh, on every process.
+
+  Built from host values with make_array_from_process_local_data (each
+  process holds the same values: same seed, same restored checkpoint).
+  A device_put of a one-device array onto other processes' devices gives
+  an array that Orbax cannot save; arrays that went through a jitted step
+  did not show it, but frozen networks never do. Leaves already placed so
+  are kept as they are."""
+  rep = replicated(mesh)
+
+  def one(x):
+    if isinstance(x, jax.Array) and x.sharding == rep:
+      return x
+    return jax.make_array_from_process_local_data(rep, np.asarray(x))
+
+  return jax.tree.map(one, tree)

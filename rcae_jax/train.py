@@ -48,6 +48,7 @@ from rcae_jax import checkpoints
 from rcae_jax import inference
 from rcae_jax import input_pipeline
 from rcae_jax import losses
+from rcae_jax import nonfinite
 from rcae_jax import preemption
 from rcae_jax import sharding
 from rcae_jax import train_state
@@ -149,44 +150,6 @@ def stage3_step(state, frozen, batch, rng, *, nets, tx, use_dpn,
                  'anomalous_fraction': jnp.mean(mask)}
 
 
-# Per-step health, carried from step to step on the device so that the host
-# only looks at it when it logs or saves (no sync per step).
-HEALTH_KEYS = ('nonfinite_steps', 'first_nonfinite_step')
-
-
-def healthy() -> dict:
-  return {'nonfinite_steps': jnp.zeros((), jnp.int32),
-          'first_nonfinite_step': jnp.zeros((), jnp.int32)}
-
-
-def guard_nonfinite(step_fn):
-  """Wraps a stage step: a step whose loss or gradient is not finite leaves
-  the parameters and optimizer state as they were (one NaN would otherwise
-  poison every later step and checkpoint) and is counted in the health
-  metrics, together with the first such step (1-based, as checkpoints).
-  All on the device: a per-step host check would stall the pipeline."""
-
-  def guarded(state, frozen, batch, rng, health, **kwargs):
-    new, metrics = step_fn(state, frozen, batch, rng, **kwargs)
-    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(
-        metrics['grad_norm'])
-    keep = lambda n, o: jnp.where(finite, n, o)
-    new = new.replace(
-        params=jax.tree.map(keep, new.params, state.params),
-        opt_state=jax.tree.map(keep, new.opt_state, state.opt_state))
-    first_bad = (~finite) & (health['nonfinite_steps'] == 0)
-    metrics = dict(
-        metrics, finite=finite,
-        param_norm=optax.global_norm(new.params),
-        nonfinite_steps=health['nonfinite_steps'] + (~finite).astype(
-            jnp.int32),
-        first_nonfinite_step=jnp.where(first_bad, state.step + 1,
-                                       health['first_nonfinite_step']))
-    return new, metrics
-
-  return guarded
-
-
 def make_step(config, stage: int, nets: inference.Networks, mesh=None
               ) -> Callable:
   """The jitted train step of `stage` (1, 2, 3).
@@ -194,10 +157,10 @@ def make_step(config, stage: int, nets: inference.Networks, mesh=None
   Called as step_fn(state, frozen, batch, rng, step, health=None), with
   (state, frozen) from train_state.split: `state` (donated) holds what the
   stage trains and its optimizer, `frozen` (not donated, never updated)
-  the other networks' parameters. `health` is the previous step's metrics'
-  HEALTH_KEYS (None: a fresh count). With a `mesh`, everything but the
-  batch is replicated and the batch is split on the `data` axis; XLA
-  inserts the gradient all-reduce."""
+  the other networks' parameters. `health` is the previous step's
+  metrics' nonfinite.HEALTH_KEYS (None: a fresh count). With a `mesh`,
+  everything but the batch is replicated and the batch is split on the
+  `data` axis; XLA inserts the gradient all-reduce."""
   stage_cfg = config.train[f'stage{stage}']
   tx = train_state.make_optimizer(stage_cfg)
   crop = config.train.crop_size
@@ -211,7 +174,7 @@ def make_step(config, stage: int, nets: inference.Networks, mesh=None
     fn = functools.partial(stage3_step, nets=nets, tx=tx,
                            use_dpn=inference.uses_dpn(config),
                            anomaly_cfg=config.anomalies, crop_size=crop)
-  guarded = guard_nonfinite(fn)
+  guarded = nonfinite.guard(fn)
   # Depth (stage 1) is a static positional argument: one program per depth.
   positional = lambda state, frozen, batch, rng, health, depth: guarded(
       state, frozen, batch, rng, health,
@@ -228,7 +191,7 @@ def make_step(config, stage: int, nets: inference.Networks, mesh=None
     depth = (stage1_depth(config.seed, step, config.model.depth)
              if stage == 1 else 0)
     return jitted(state, frozen, batch, rng,
-                  healthy() if health is None else health, depth)
+                  nonfinite.healthy() if health is None else health, depth)
 
   return step_fn
 
@@ -248,15 +211,15 @@ def create_state(config, stage: int, nets: inference.Networks, mesh=None):
 
 
 def place(tree, mesh):
-  """Replicates `tree` over the mesh. The caller must not use `tree`'s
-  arrays afterwards: the (donating) step may reuse their buffers.
+  """Replicates `tree` over the mesh (sharding.replicate), or leaves it
+  as it is without one.
 
-  device_put, not a jit with out_shardings (DESIGN.md): the arrays come from
-  a compiled init or an Orbax restore, committed to one device, which a jit
-  onto the whole mesh refuses; and nothing keeps the originals."""
+  Not a jit with out_shardings (DESIGN.md's advice for sharded init): the
+  arrays come from a compiled init or an Orbax restore, committed to one
+  device, which a jit onto the whole mesh refuses."""
   if mesh is None:
     return tree
-  return jax.device_put(tree, sharding.replicated(mesh))
+  return sharding.replicate(tree, mesh)
 
 
 def step_rng(seed: int, stage: int, step: int) -> jax.Array:
@@ -371,13 +334,13 @@ def run_stage(config, stage, nets, state, start, progress, loader, writer,
       every_steps=config.train.log_every, prefix=f'stage{stage}/')
   timer = preemption.SaveTimer(config.train.checkpoint_minutes)
   global_step = progress['global_step']
-  health = healthy()
+  health = nonfinite.healthy()
   t0 = time.time()
   for step in range(start, steps):
     batch = sharding.to_global(next(batches), mesh)
     state, metrics = step_fn(state, frozen, batch,
                              step_rng(config.seed, stage, step), step, health)
-    health = {k: metrics[k] for k in HEALTH_KEYS}
+    health = {k: metrics[k] for k in nonfinite.HEALTH_KEYS}
     global_step += 1
     done = step + 1
     report(global_step)
@@ -386,7 +349,7 @@ def run_stage(config, stage, nets, state, start, progress, loader, writer,
     save_now = (done % config.train.checkpoint_every == 0 or done == steps or
                 preempt or timer.due(log_now))
     if log_now or save_now:  # The only host syncs: never one per step.
-      health = check_health(health, config, stage, done, ckpt)
+      health = nonfinite.check(health, config, stage, done, ckpt)
     if log_now:
       write_step_scalars(writer, stage, global_step, metrics)
     every = config.eval.every_steps
@@ -408,38 +371,9 @@ def run_stage(config, stage, nets, state, start, progress, loader, writer,
   return train_state.join(state, frozen, stage), progress
 
 
-def check_health(health, config, stage: int, done: int, ckpt) -> dict:
-  """Reads the non-finite count of the steps since the last check.
-
-  Default: raises FloatingPointError, before anything past the bad step is
-  saved, so the latest checkpoint is the last good state. With
-  `config.train.skip_nonfinite`: those batches were skipped (the step kept
-  the parameters), so warn and go on. Returns the count to carry on with."""
-  h = jax.device_get(health)
-  bad = int(h['nonfinite_steps'])
-  if not bad:
-    return health
-  first = int(h['first_nonfinite_step'])
-  name = train_state.STAGES[stage - 1]
-  if not config.train.skip_nonfinite:
-    ckpt.wait()
-    raise FloatingPointError(
-        f'non-finite loss or gradient in stage {stage} ({name}) at step '
-        f'{first} ({bad} such step(s) up to step {done}). Nothing after it '
-        f'was saved: the latest checkpoint, {ckpt.directory}/'
-        f'{ckpt.latest_step()}, is from before it. A rerun resumes there and '
-        'meets the same batches; config.train.skip_nonfinite=True skips '
-        'such batches, a lower learning rate may avoid them.')
-  logging.warning('Stage %d (%s): skipped %d batch(es) with a non-finite '
-                  'loss or gradient (first at step %d, up to step %d); the '
-                  'parameters were left unchanged by them.', stage, name,
-                  bad, first, done)
-  return healthy()
-
-
 def write_step_scalars(writer, stage: int, global_step: int, metrics) -> None:
   values = jax.device_get({k: v for k, v in metrics.items()
-                           if k not in HEALTH_KEYS + ('finite',)})
+                           if k not in nonfinite.HEALTH_KEYS + ('finite',)})
   # A skipped step's NaN would break the logs' plots and JSON readers.
   writer.write_scalars(global_step, {f'stage{stage}/{k}': v for k, v in
                                      values.items() if np.isfinite(v)})

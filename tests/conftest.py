@@ -1,12 +1,23 @@
 """Test set-up: fake CPU devices, a private data cache, tiny configs."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 # Before JAX starts: 8 fake CPU devices for the sharding tests, quiet TF.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+# One persistent compilation cache for the whole run, this process and every
+# subprocess (they inherit the environment): the tests build the same smoke
+# programs many times over, and on XLA:CPU compiling is most of their cost.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _JIT_CACHE = tempfile.mkdtemp(prefix='rcae_jax_test_jit_cache_')
+  atexit.register(shutil.rmtree, _JIT_CACHE, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _JIT_CACHE
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, 'configs'))
@@ -49,12 +60,18 @@ def make_config():
   return tiny_config
 
 
+# The session's trained workdir records a learning-curve point every this
+# many steps (tests/test_train.py checks them).
+TRAINED_CURVE_EVERY = 2
+
+
 @pytest.fixture(scope='session')
 def trained(tmp_path_factory):
-  """(config, workdir) of the tiny config trained and evaluated once per
-  session: predict, export and depth_report tests read it."""
+  """(config, workdir) of the tiny config trained (all three stages, with
+  learning curves) and evaluated once per session: the train, predict,
+  export and depth_report tests read it."""
   from rcae_jax import run as run_lib  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp('wd'))
-  config = tiny_config()
+  config = tiny_config(**{'eval.every_steps': TRAINED_CURVE_EVERY})
   run_lib.run(config, workdir)
   return config, workdir

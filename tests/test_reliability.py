@@ -23,6 +23,7 @@ import pytest
 from rcae_jax import checkpoints
 from rcae_jax import fileio
 from rcae_jax import inference
+from rcae_jax import nonfinite
 from rcae_jax import preemption
 from rcae_jax import run as run_lib
 from rcae_jax import train
@@ -52,13 +53,12 @@ def subprocess_config(**extra):
 
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
-  """Subprocess environment: one CPU device (not the tests' 8 fake ones),
-  the data cache, and a compilation cache shared by the runs (the same
-  programs load instead of compiling again: ~10 s per run on 2 cores)."""
+  """Subprocess environment: one CPU device (not the tests' 8 fake ones)
+  and the data cache. The session's compilation cache (conftest.py) comes
+  with os.environ: the same programs load instead of compiling again, ~10 s
+  per run on 2 cores."""
   root = tmp_path_factory.mktemp('reliability')
-  e = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu',
-           JAX_COMPILATION_CACHE_DIR=str(root / 'jax_cache'),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  e = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
   e.pop('XLA_FLAGS', None)
   return {'env': e, 'config': os.path.join(REPO, 'configs', 'smoke.py'),
           'root': root}
@@ -327,7 +327,7 @@ def test_guarded_step_keeps_state_on_nonfinite_batch(make_config):
                         getattr(state, part))
     assert jax.tree.all(same), part
   state, m = step_fn(state, frozen, {'image': good}, None, 1,
-                     {k: m[k] for k in train.HEALTH_KEYS})
+                     {k: m[k] for k in nonfinite.HEALTH_KEYS})
   assert bool(m['finite']) and int(m['nonfinite_steps']) == 1
   assert not jax.tree.all(jax.tree.map(
       np.array_equal, before.params, state.params))

@@ -86,12 +86,13 @@ def test_stage1_depth_draw_is_uniform_and_reproducible():
   assert draws == [train.stage1_depth(0, s, 4) for s in range(400)]
 
 
-def test_main_run_writes_metrics_checkpoint_and_resumes(make_config, tmp_path):
-  workdir = str(tmp_path / 'wd')
-  # With learning curves: a test-set point every 2 steps and at each stage
-  # end, each stage scored with what it has.
-  config = make_config(**{'eval.every_steps': 2})
-  report = run_lib.run(config, workdir)
+def test_main_run_writes_metrics_checkpoint_and_resumes(trained):
+  # The session's trained workdir (conftest.py): the smoke config with
+  # learning curves, a test-set point every 2 steps and at each stage end,
+  # each stage scored with what it has.
+  config, workdir = trained
+  assert config.eval.every_steps == 2
+  report = json.load(open(os.path.join(workdir, 'metrics.json')))
   rows = [json.loads(l) for l in
           open(os.path.join(workdir, 'scalars.jsonl')).read().splitlines()]
   points = [(r['step'], r['curve/stage']) for r in rows if 'curve/stage' in r]
@@ -105,8 +106,6 @@ def test_main_run_writes_metrics_checkpoint_and_resumes(make_config, tmp_path):
   for key in ('image_auroc', 'pixel_auroc', 'au_pro'):
     assert 0.0 <= metrics[key] <= 1.0
   assert metrics['training_complete'] is True
-  on_disk = json.load(open(os.path.join(workdir, 'metrics.json')))
-  assert on_disk == json.loads(json.dumps(report))
   saved = json.load(open(os.path.join(workdir, 'config.json')))
   assert os.path.isdir(os.path.join(saved['resolved_data']['root'],
                                     'synthetic', 'train', 'good'))
@@ -121,7 +120,10 @@ def test_main_run_writes_metrics_checkpoint_and_resumes(make_config, tmp_path):
   lines2 = open(os.path.join(workdir, 'scalars.jsonl')).read().splitlines()
   new = [json.loads(l) for l in lines2[len(lines):]]
   assert not any(k.startswith('stage') for row in new for k in row)
-  assert report2 == report  # Same parameters, same numbers.
+  # Same parameters, same numbers; metrics.json is what run() returned.
+  assert json.loads(json.dumps(report2)) == report
+  on_disk = json.load(open(os.path.join(workdir, 'metrics.json')))
+  assert on_disk == report
 
 
 def test_resume_mid_stage_matches_straight_run(make_config, tmp_path):
