@@ -9,6 +9,17 @@ import pytest
 from rcae_jax import models
 
 
+def unoptimised(fn):
+  """`fn` jitted and compiled without XLA:CPU's optimisations. Eager U-Nets
+  compile every op apart and optimised builds take longer still (~25 s
+  either way on 2 cores); these tests check shapes and values, not speed."""
+  def run(*args):
+    options = ({'xla_backend_optimization_level': 0}
+               if jax.default_backend() == 'cpu' else None)
+    return jax.jit(fn).lower(*args).compile(compiler_options=options)(*args)
+  return run
+
+
 def n_params(tree):
   return sum(x.size for x in jax.tree.leaves(tree))
 
@@ -109,13 +120,15 @@ def test_dpn_and_crd_shapes():
   recs = jnp.zeros((3, 2, 32, 32, 3))
   img = jnp.zeros((2, 32, 32, 3))
   dpn = models.DPN(width=4)
-  out = dpn.apply(dpn.init(jax.random.PRNGKey(0), recs, jnp.zeros(
-      (2, 32, 32, 6))), recs, jnp.zeros((2, 32, 32, 6)))
+  grads = jnp.zeros((2, 32, 32, 6))
+  out = unoptimised(dpn.apply)(
+      unoptimised(dpn.init)(jax.random.PRNGKey(0), recs, grads), recs, grads)
   assert out.shape == recs.shape
   # Zero-initialised head: an untrained DPN leaves I_R unchanged.
   np.testing.assert_array_equal(out, recs)
   crd = models.CRD(width=2)
-  logits = crd.apply(crd.init(jax.random.PRNGKey(0), recs, img), recs, img)
+  logits = unoptimised(crd.apply)(
+      unoptimised(crd.init)(jax.random.PRNGKey(0), recs, img), recs, img)
   assert logits.shape == (2, 32, 32, 1)
 
 
@@ -175,17 +188,17 @@ def test_crd_normalize_ignores_brightness_and_contrast():
   key = jax.random.PRNGKey(0)
   image = jax.random.uniform(key, (1, 16, 16, 3))
   dets = jax.random.uniform(jax.random.PRNGKey(1), (2, 1, 16, 16, 3))
-  params = crd.init(key, dets, image)
+  params = unoptimised(crd.init)(key, dets, image)
   # Zero-initialised heads answer 0 to anything: perturb every weight.
   leaves, tree = jax.tree.flatten(params)
-  params = jax.tree.unflatten(tree, [
-      p + 0.3 * jax.random.normal(jax.random.PRNGKey(i), p.shape)
+  params = jax.tree.unflatten(tree, [  # numpy: no program per leaf shape.
+      p + 0.3 * np.random.default_rng(i).standard_normal(p.shape, np.float32)
       for i, p in enumerate(leaves)])
-  bright = crd.apply(params, dets, image)
-  dark = crd.apply(params, 0.2 * dets + 0.05, 0.2 * image + 0.05)
+  apply = unoptimised(crd.apply)
+  bright = apply(params, dets, image)
+  dark = apply(params, 0.2 * dets + 0.05, 0.2 * image + 0.05)
   # Equal up to the 1e-3 guard on the standard deviation.
   np.testing.assert_allclose(dark, bright, rtol=0.05, atol=0.05)
-  plain = models.CRD(width=2)
-  assert float(jnp.abs(plain.apply(params, 0.2 * dets + 0.05,
-                                   0.2 * image + 0.05) -
-                       plain.apply(params, dets, image)).max()) > 0.1
+  plain = unoptimised(models.CRD(width=2).apply)
+  assert float(jnp.abs(plain(params, 0.2 * dets + 0.05, 0.2 * image + 0.05) -
+                       plain(params, dets, image)).max()) > 0.1
