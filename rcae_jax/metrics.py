@@ -11,8 +11,8 @@ cumulative sums (O(n log n)), with int64 counters and float64 accumulators
 (pixel counts of a whole test set can exceed 2**32, and float32 cumulative sums
 lose precision long before that).
 
-`AnomalyMetrics` wraps `compute_metrics` as a `clu` collecting metric so the
-eval loop can merge per-batch outputs and compute everything at the end.
+evaluate.py collects the maps and scores of the whole test set and calls
+`compute_metrics` once.
 """
 
 from __future__ import annotations
@@ -20,16 +20,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import flax
 import numpy as np
 import scipy.ndimage
-try:  # clu is optional: some accelerator images ship JAX alone.
-  from clu import metrics as clu_metrics
-except ImportError:  # pragma: no cover - exercised in TF/clu-free installs
-  clu_metrics = None
 
 __all__ = [
-    "AnomalyMetrics",
     "au_pro",
     "auroc",
     "average_precision",
@@ -377,50 +371,3 @@ def compute_metrics(
   out["pixel_f1_max"] = f1_max(pixel_labels, pixel_scores)[0]
   out["au_pro"] = au_pro(masks, maps, fpr_limit=fpr_limit)
   return out
-
-
-if clu_metrics is not None:
-
-  @flax.struct.dataclass
-  class AnomalyMetrics(
-      clu_metrics.CollectingMetric.from_outputs(
-          ("image_label", "image_score", "mask", "amap"))):
-    """Collects per-batch outputs on the host; `compute()` -> compute_metrics.
-
-    Usage in the (non-jitted) eval loop:
-      m = AnomalyMetrics.empty()
-      for batch ...:
-        m = m.merge(AnomalyMetrics.from_model_output(
-            image_label=..., image_score=..., mask=..., amap=...))
-      results = m.compute()
-
-    mask / amap are (B, H, W) or (B, H, W, 1) and must have one shape across the
-    collection (batches are concatenated). Leave them out (or pass None) for
-    image-level metrics only.
-    """
-
-    @classmethod
-    def from_model_output(cls, *, image_label, image_score, mask=None,
-                          amap=None, **_):
-      # The generated from_model_output needs every name; default the pixel
-      # outputs so image-only evaluation does not have to pass them.
-      return super().from_model_output(
-          image_label=image_label, image_score=image_score, mask=mask,
-          amap=amap)
-
-    def compute(self, fpr_limit: float = 0.3) -> dict[str, float]:
-      if not self.values:
-        raise ValueError("AnomalyMetrics.compute() called with no data.")
-      values = super().compute()
-      masks, maps = values["mask"], values["amap"]
-      # A missing (None) output is collected as a NaN scalar per batch, so a
-      # 1-D array here means no pixel outputs were given.
-      if masks.ndim < 3 or maps.ndim < 3:
-        masks = maps = None
-      else:
-        if masks.ndim == 4 and masks.shape[-1] == 1:
-          masks = masks[..., 0]
-        if maps.ndim == 4 and maps.shape[-1] == 1:
-          maps = maps[..., 0]
-      return compute_metrics(values["image_label"], values["image_score"],
-                             masks, maps, fpr_limit=fpr_limit)

@@ -268,28 +268,3 @@ def test_compute_metrics_skips_pixels_without_defects():
   out = metrics.compute_metrics([0, 1], [0.1, 0.9], masks, maps)
   assert set(out) == {"image_auroc", "image_ap", "image_f1_max"}
   assert out["image_auroc"] == 1.0
-
-
-def test_anomaly_metrics_merge_and_compute():
-  rng = np.random.default_rng(1)
-  labels = np.array([0, 1, 1, 0, 1, 0])
-  scores = rng.random(6).astype(np.float32)
-  masks = np.zeros((6, 8, 6), dtype=bool)
-  masks[1, 2:4, 2:4] = masks[2, 5:, :2] = masks[4, 0, 0] = True
-  amaps = (rng.random((6, 8, 6)) + masks).astype(np.float32)
-  m = metrics.AnomalyMetrics.empty()
-  for sl in (slice(0, 2), slice(2, 5), slice(5, 6)):
-    m = m.merge(metrics.AnomalyMetrics.from_model_output(
-        image_label=labels[sl], image_score=scores[sl],
-        mask=masks[sl, ..., None], amap=amaps[sl, ..., None]))
-  expected = metrics.compute_metrics(labels, scores, list(masks), list(amaps))
-  got = m.compute()
-  assert got.keys() == expected.keys()
-  for k in expected:
-    assert got[k] == pytest.approx(expected[k], abs=1e-12), k
-
-  image_only = metrics.AnomalyMetrics.from_model_output(
-      image_label=labels[:3], image_score=scores[:3]).merge(
-          metrics.AnomalyMetrics.from_model_output(
-              image_label=labels[3:], image_score=scores[3:]))
-  assert image_only.compute() == metrics.compute_metrics(labels, scores)
