@@ -230,18 +230,23 @@ def step_rng(seed: int, stage: int, step: int) -> jax.Array:
 # -------------------------------------------------------------- the loop
 
 
-def initial_params(nets: inference.Networks, config) -> dict:
-  """`inference.init_params`, compiled without XLA:CPU's optimisations: it
-  runs once, and the ~100 threefry initialisers took ~30 s to optimise on CPU
-  (measured: smoke config, 2 cores) against ~5 s unoptimised. Values match
-  the optimised build to float rounding (~1e-7)."""
-  rng = jax.random.PRNGKey(config.seed)
-  lowered = jax.jit(functools.partial(
-      inference.init_params, nets,
-      image_size=config.data.image_size)).lower(rng)
+def run_unoptimised(fn, *args):
+  """fn(*args), jitted and compiled without XLA:CPU's optimisations (other
+  backends compile as usual): for programs that run once, where optimising
+  costs more than it saves."""
   options = ({'xla_backend_optimization_level': 0}
              if jax.default_backend() == 'cpu' else None)
-  return lowered.compile(compiler_options=options)(rng)
+  return jax.jit(fn).lower(*args).compile(compiler_options=options)(*args)
+
+
+def initial_params(nets: inference.Networks, config) -> dict:
+  """`inference.init_params`, compiled unoptimised: it runs once, and the
+  ~100 threefry initialisers took ~30 s to optimise on CPU (measured: smoke
+  config, 2 cores) against ~5 s unoptimised. Values match the optimised
+  build to float rounding (~1e-7)."""
+  return run_unoptimised(functools.partial(
+      inference.init_params, nets, image_size=config.data.image_size),
+                         jax.random.PRNGKey(config.seed))
 
 
 def train_and_checkpoint(config: ml_collections.ConfigDict, workdir: str,

@@ -1,5 +1,7 @@
 """Model shapes, weight sharing, and the equivalences the models rely on."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,17 +9,14 @@ import numpy as np
 import pytest
 
 from rcae_jax import models
+from rcae_jax import train
 
 
 def unoptimised(fn):
-  """`fn` jitted and compiled without XLA:CPU's optimisations. Eager U-Nets
+  """`fn` compiled once without XLA:CPU's optimisations. Eager U-Nets
   compile every op apart and optimised builds take longer still (~25 s
   either way on 2 cores); these tests check shapes and values, not speed."""
-  def run(*args):
-    options = ({'xla_backend_optimization_level': 0}
-               if jax.default_backend() == 'cpu' else None)
-    return jax.jit(fn).lower(*args).compile(compiler_options=options)(*args)
-  return run
+  return functools.partial(train.run_unoptimised, fn)
 
 
 def n_params(tree):
