@@ -65,6 +65,16 @@ def make_config():
 TRAINED_CURVE_EVERY = 2
 
 
+def pytest_collection_modifyitems(items):
+  """Under pytest-xdist (setup.cfg runs the suite on every core with
+  `--dist loadgroup`) the tests of the session's trained workdir go to one
+  worker: it trains the workdir once, and its tests, some of which write into
+  it under the workdir lock, run one after another."""
+  for item in items:
+    if 'trained' in getattr(item, 'fixturenames', ()):
+      item.add_marker(pytest.mark.xdist_group('trained'))
+
+
 @pytest.fixture(scope='session')
 def trained(tmp_path_factory):
   """(config, workdir) of the tiny config trained (all three stages, with
