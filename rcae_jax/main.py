@@ -3,6 +3,7 @@
 import logging as std_logging
 import os
 import sys
+import warnings
 
 # Quiet TensorFlow before anything can import it.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -84,11 +85,14 @@ def fail(message: str) -> None:
 
   A failed checkpoint write leaves Orbax's other asyncio writes failing with
   the same cause; the event loop logs them ("Task exception was never
-  retrieved") when it is collected at exit, after our line. They say nothing
-  new, so they are silenced here, on the way out only."""
+  retrieved") when it is collected at exit, after our line, and Python warns
+  about its writes that were never awaited ("coroutine ... was never
+  awaited", a RuntimeWarning at garbage collection). They say nothing new,
+  so they are silenced here, on the way out only."""
   logging.error('%s', message)
   std_logging.getLogger('asyncio').disabled = True
   sys.unraisablehook = lambda unraisable: None
+  warnings.simplefilter('ignore')
   sys.exit(f'rcae_jax: error: {message}')
 
 
