@@ -1,0 +1,159 @@
+"""Tiling of high-resolution images (`data.tile_size`, `data.tile_overlap`,
+`data.tile_sampling`): tiles cover every pixel, maps stitch back exactly
+and in place, an image of one tile's size maps as without tiling, both
+loaders cut the same training tiles, and a tiled run works end to end."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from rcae_jax import evaluate
+from rcae_jax import inference
+from rcae_jax import input_pipeline
+from rcae_jax import run as run_lib
+from rcae_jax import tiling
+from rcae_jax import train
+from rcae_jax import validate
+from rcae_jax.datasets import folder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DARK, BRIGHT = 40, 220
+
+
+def _surface(rng, hw):
+  noise = rng.integers(-6, 7, tuple(hw) + (3,))
+  return np.clip(DARK + noise, 0, 255).astype(np.uint8)
+
+
+def _category(root, name, train_hws, test_hw, defects=()):
+  """<root>/<name>/: training images of `train_hws`, two good test images
+  and one defective image per `defects` box (y, x, h, w) of `test_hw`."""
+  rng = np.random.default_rng(0)
+  cat = os.path.join(root, name)
+
+  def save(rel, array):
+    path = os.path.join(cat, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path)
+
+  for i, hw in enumerate(train_hws):
+    save(f'train/good/{i:03d}.png', _surface(rng, hw))
+  for i in range(2):
+    save(f'test/good/{i:03d}.png', _surface(rng, test_hw))
+  for i, (y, x, h, w) in enumerate(defects):
+    image, mask = _surface(rng, test_hw), np.zeros(test_hw, np.uint8)
+    image[y:y + h, x:x + w] = BRIGHT
+    mask[y:y + h, x:x + w] = 255
+    save(f'test/spot/{i:03d}.png', image)
+    save(f'ground_truth/spot/{i:03d}_mask.png', mask)
+  return str(root)
+
+
+# ------------------------------------------------------- tiles and stitching
+
+
+@pytest.mark.parametrize('length', [1, 20, 32, 33, 64, 100, 257])
+@pytest.mark.parametrize('overlap', [0.0, 0.25, 0.5, 0.9])
+def test_tiles_cover_every_pixel_with_the_overlap_asked(length, overlap):
+  side = 32
+  o = int(overlap * side)
+  starts = tiling.origins(length, side, o)
+  assert starts[0] == 0
+  if length <= side:
+    assert starts.tolist() == [0]
+    return
+  assert starts[-1] == length - side  # The last tile is flush.
+  gaps = np.diff(starts)
+  assert (gaps >= 1).all() and (gaps <= side - o).all()  # Overlap >= o.
+  assert len(starts) == -(-(length - o) // (side - o))  # README's count.
+  covered = np.zeros(length, int)
+  for s in starts:
+    covered[s:s + side] += 1
+  assert covered.min() >= 1
+
+
+def test_a_map_cut_into_tiles_stitches_back_exactly():
+  rng = np.random.default_rng(0)
+  amap = rng.random((100, 77)).astype(np.float32)
+  t = tiling.Tiling(tile=32, side=32, overlap=0.25, sampling='grid')
+  origins = tiling.grid(amap.shape, t)
+  assert len(origins) == tiling.count(amap.shape, t) == 4 * 3
+  parts = []
+  for origin in origins:
+    tile, (h, w) = tiling.cut(amap, origin, 32)
+    assert tile.shape == (32, 32)
+    parts.append(tile[:h, :w])
+  np.testing.assert_array_equal(tiling.stitch(parts, origins, amap.shape),
+                                amap)
+  # Smaller than a tile: one tile, edge-padded, its extent the image.
+  small = amap[:20, :30]
+  tile, ext = tiling.cut(small, (0, 0), 32)
+  assert ext == (20, 30)
+  np.testing.assert_array_equal(tile[25], np.pad(small[-1], (0, 2), 'edge'))
+
+
+def test_blending_weights_taper_only_towards_inner_borders():
+  w = tiling.window((24, 0), (32, 32), (100, 77))
+  # Top border inside the image: tapered; left border on its edge: not.
+  assert w[0, 16] == 1 and w[31, 16] == 1 and w[16, 16] == 16
+  assert w[16, 0] == 16
+  one = tiling.window((0, 0), (20, 30), (20, 30))
+  assert (one == one.max()).all()  # A tile alone: a constant weight.
+
+
+def _brightness(images):
+  return np.asarray(images, np.float32).mean(-1) / 255
+
+
+@pytest.mark.parametrize('tile', [32, 64])
+def test_stitched_maps_land_where_their_tiles_came_from(tile):
+  """A stand-in model whose map is each pixel's brightness: the stitched
+  map must equal the brightness of the whole (working-resolution) image,
+  so any tile placed wrongly, flipped or cropped wrongly shows."""
+  rng = np.random.default_rng(1)
+  t = tiling.Tiling(tile=tile, side=32, overlap=0.25, sampling='random')
+  images = [rng.integers(0, 256, hw + (3,), dtype=np.uint8)
+            for hw in ((150, 97), (20, 45), (64, 64), (33, 200))]
+  working = [tiling.to_working(im, t) for im in images]
+  calls = []
+
+  def predict(batch, pieces):
+    calls.append((batch.shape, len(pieces)))
+    return _brightness(batch)
+
+  out = list(tiling.stitch_stream(iter(working), predict, t, batch_size=8))
+  assert [n for n, _ in out] == [0, 1, 2, 3]
+  for (_, amap), image in zip(out, working):
+    np.testing.assert_allclose(amap, _brightness(image), atol=1e-6)
+  assert {shape for shape, _ in calls} == {(8, 32, 32, 3)}  # One shape.
+  assert sum(n for _, n in calls) == sum(tiling.count(w.shape[:2], t)
+                                         for w in working)
+
+
+# ------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize('config_values,message', [
+    ({'data.tile_size': -32}, 'config.data.tile_size must be 0 (off)'),
+    ({'data.tile_overlap': 1.0}, 'config.data.tile_overlap'),
+    ({'data.tile_overlap': -0.1}, 'config.data.tile_overlap'),
+    ({'data.tile_sampling': 'spiral'}, 'config.data.tile_sampling must be'),
+    ({'data.tile_size': 64, 'data.image_size': (32, 64)},
+     'cuts square tiles'),
+    ({'data.tile_size': 64, 'data.resize': 'keep_aspect'},
+     "leave config.data.resize='squash'"),
+    ({'data.tile_size': 64, 'mode': 'export'},
+     "mode='export' does not support tiling"),
+    ({'data.tile_size': 64, 'mode': 'depth_report'},
+     "mode='depth_report' does not support tiling"),
+])
+def test_bad_tiling_is_one_clear_error(make_config, config_values, message):
+  with pytest.raises(validate.ConfigError, match=re.escape(message)):
+    validate.validate(make_config(**config_values))
