@@ -137,6 +137,55 @@ def test_stitched_maps_land_where_their_tiles_came_from(tile):
                                          for w in working)
 
 
+# --------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize('sampling', ['random', 'grid'])
+def test_both_loaders_cut_the_same_training_tiles(tmp_path, sampling):
+  # Larger than, smaller than and straddling a 48 px tile (32 px model).
+  root = _category(tmp_path, 'mixed', [(80, 100), (40, 24), (70, 50)],
+                   (48, 48))
+  files = folder.discover(root, 'mixed')
+  t = tiling.Tiling(tile=48, side=32, overlap=0.25, sampling=sampling)
+  memory = input_pipeline.MemoryLoader(files, 32, augment='hflip',
+                                       tiling=t)
+  tfdata = input_pipeline.TFDataLoader(files, 32, augment='hflip', tiling=t)
+  if sampling == 'grid':  # Working sizes 53x67, 27x16, 47x33.
+    assert memory.num_train_examples == 2 * 3 + 1 + 2 * 2
+  a, b = memory.train_batches(4, seed=3), tfdata.train_batches(4, seed=3)
+  steps = [next(a)['image'] for _ in range(3)]
+  for x in steps:
+    assert x.shape == (4, 32, 32, 3) and x.dtype == np.uint8
+    np.testing.assert_array_equal(x, next(b)['image'])
+  # A resumed stream continues with the same tiles.
+  np.testing.assert_array_equal(
+      next(memory.train_batches(4, seed=3, start_step=2))['image'], steps[2])
+  np.testing.assert_array_equal(
+      next(tfdata.train_batches(4, seed=3, start_step=2))['image'], steps[2])
+  # Each process's share is its slice of the global batch.
+  half = next(memory.train_batches(4, seed=3, process_index=1,
+                                   process_count=2))['image']
+  np.testing.assert_array_equal(half, steps[0][2:])
+
+
+def test_training_tiles_are_cut_from_the_working_image(tmp_path):
+  root = _category(tmp_path, 'big', [(128, 128)] * 3, (48, 48))
+  files = folder.discover(root, 'big')
+  t = tiling.Tiling(tile=64, side=32, overlap=0.25, sampling='random')
+  loader = input_pipeline.MemoryLoader(files, 32, tiling=t)
+  batch = next(loader.train_batches(3, seed=0, start_step=5))['image']
+  idx = input_pipeline.batch_indices(5, 3, 3, seed=0)
+  draws = input_pipeline.tile_draws(5, 0, 3)
+  origins = set()
+  for tile, k, u in zip(batch, idx, draws):
+    working = loader.load_working(files.train[k])
+    assert working.shape == (64, 64, 3)  # 128 px scaled by 32 / 64.
+    y, x = tiling.random_origin(working.shape[:2], 32, u)
+    np.testing.assert_array_equal(tile, working[y:y + 32, x:x + 32])
+    origins.add((y, x))
+  assert len(origins) > 1  # Not always the same corner.
+
+
 # ------------------------------------------------------------ validation
 
 
