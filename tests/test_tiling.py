@@ -137,6 +137,102 @@ def test_stitched_maps_land_where_their_tiles_came_from(tile):
                                          for w in working)
 
 
+def test_stitched_scores_follow_the_eval_config():
+  """`map_score` (numpy, any size) equals the jitted `image_scores`."""
+  rng = np.random.default_rng(2)
+  maps = rng.random((3, 24, 40)).astype(np.float32)
+  for score, smoothing, size in (('max', 'box', 4), ('max', 'box', 3),
+                                 ('max', 'gaussian', 6), ('mean', 'box', 1)):
+    cfg = type('Eval', (), dict(image_score=score, smoothing=smoothing,
+                                smoothing_size=size))
+    expected = np.asarray(evaluate.image_scores(jnp.asarray(maps), cfg))
+    got = [evaluate.map_score(m, cfg) for m in maps]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+# ------------------------------------------------------------ evaluation
+
+
+def test_an_image_of_one_tile_maps_exactly_as_untiled(make_config, tmp_path):
+  """48 px images, 48 px tiles, a 32 px model: tiled or not, each image is
+  one 32 px model input, and the maps and scores must agree."""
+  root = _category(tmp_path, 'one', [(48, 48)] * 2, (48, 48),
+                   defects=[(10, 12, 6, 8)])
+  files = folder.discover(root, 'one')
+  config = make_config(**{'eval.scoring': 'recursion'})
+  nets = inference.build_networks(config.model)
+  params = train.initial_params(nets, config)
+  fn = evaluate.make_predict_fn(config, nets)
+  untiled = input_pipeline.MemoryLoader(files, 32)
+  tiled = input_pipeline.MemoryLoader(
+      files, 32, tiling=tiling.Tiling(tile=48, side=32, overlap=0.25,
+                                      sampling='random'))
+  a = evaluate.run_predictions(params, untiled, config, 'test', fn, keep=[2])
+  b = evaluate.run_predictions(params, tiled, config, 'test', fn, keep=[2])
+  assert len(a[0]) == len(b[0]) == 3
+  for x, y in zip(a[0], b[0]):
+    np.testing.assert_array_equal(x, y)
+  np.testing.assert_allclose(a[1], b[1], rtol=1e-6)  # Scores.
+  np.testing.assert_array_equal(a[2], b[2])  # Labels.
+  np.testing.assert_array_equal(np.stack(b[3]), a[3].astype(bool))  # Masks.
+  assert a[4][2][2] == b[4][2][2] == (0, 0, 32, 32)  # The picture's box.
+  np.testing.assert_array_equal(a[4][2][0], b[4][2][0])
+
+
+def _brightness_predict_fn(config, nets=None):
+  """A stand-in model whose map is the brightness: a perfect detector of
+  the bright defect (tests/test_aspect.py has the same one)."""
+  del nets
+
+  def fn(params, images, extents=None):
+    del params, extents
+    amap = jnp.asarray(images, jnp.float32).mean(-1) / 255
+    recs = jnp.zeros((config.model.depth,) + images.shape, jnp.float32)
+    return {'recs': recs, 'details': recs, 'map': amap,
+            'score': evaluate.image_scores(amap, config.eval)}
+  return fn
+
+
+def test_a_defect_smaller_than_a_tile_is_found_in_a_large_image(
+    make_config, tmp_path, monkeypatch):
+  """256 px images, 5 px defects, a 32 px model: squashed, a defect is a
+  fraction of a model pixel; tiled at native resolution, the stitched map
+  at the image's size peaks on it. One defect sits across tile seams."""
+  defects = [(200, 150, 5, 5), (40, 45, 5, 5)]  # The second on a seam.
+  root = _category(tmp_path / 'data', 'big', [(256, 256)] * 2, (256, 256),
+                   defects)
+  files = folder.discover(root, 'big')
+  monkeypatch.setattr(evaluate, 'make_predict_fn', _brightness_predict_fn)
+  peaks = {}
+  for tile in (0, 32):
+    config = make_config(**{'data.tile_size': tile,
+                            'eval.scoring': 'recursion',
+                            'eval.pictures_per_type': 1})
+    loader = input_pipeline.make_loader(config.data, files, files.train)
+    workdir = str(tmp_path / f'wd{tile}')
+    report = evaluate.evaluate(None, loader, config, workdir)['big']
+    maps = [np.asarray(Image.open(os.path.join(
+        workdir, 'anomaly_maps', 'big', 'test', 'spot', f'00{i}.tiff')))
+            for i in range(2)]
+    assert all(m.shape == (256, 256) for m in maps)
+    peaks[tile] = [m[y:y + h, x:x + w].mean()
+                   for m, (y, x, h, w) in zip(maps, defects)]
+    if tile:
+      assert report['image_auroc'] == 1.0
+      assert report['pixel_auroc'] > 0.999
+      for m, (y, x, h, w) in zip(maps, defects):
+        found = m > (DARK + BRIGHT) / 2 / 255
+        assert found.sum() == h * w and found[y:y + h, x:x + w].all()
+      assert os.path.exists(os.path.join(workdir, 'pictures', 'spot',
+                                         '000.png'))
+      thresholds = json.load(open(os.path.join(workdir, 'thresholds.json')))
+      assert thresholds['pixel'] < 0.3  # The good surface only.
+  # The defect at full strength tiled; squashed, blurred into its
+  # surroundings.
+  np.testing.assert_allclose(peaks[32], BRIGHT / 255, rtol=1e-6)
+  assert max(peaks[0]) < (DARK + BRIGHT) / 2 / 255
+
+
 # --------------------------------------------------------------- training
 
 
@@ -206,3 +302,64 @@ def test_training_tiles_are_cut_from_the_working_image(tmp_path):
 def test_bad_tiling_is_one_clear_error(make_config, config_values, message):
   with pytest.raises(validate.ConfigError, match=re.escape(message)):
     validate.validate(make_config(**config_values))
+
+
+# ------------------------------------------------------------ end to end
+
+
+def test_tiled_run_from_the_command_line(make_config, tmp_path):
+  """`python -m rcae_jax.main ... --config.data.tile_size=32`: trains on
+  tiles, writes thresholds, metrics and TIFFs at each image's size from the
+  stitched maps; predict scores images of any size; another tile size is
+  refused on the trained workdir."""
+  root = _category(tmp_path / 'data', 'wide', [(64, 96)] * 6, (64, 96),
+                   defects=[(20, 70, 6, 6), (40, 10, 6, 6)])
+  workdir = tmp_path / 'wd'
+  # Stage 1 only, as in tests/test_aspect.py: stages 2 and 3 see the same
+  # model-size batches.
+  flags = [f'--config.data.root={root}', '--config.data.category=wide',
+           '--config.data.tile_size=32', '--config.data.tile_overlap=0.5',
+           '--config.train.stage2.steps=0', '--config.train.stage3.steps=0',
+           '--config.eval.scoring=recursion', '--config.mesh.num_devices=1']
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  result = subprocess.run(
+      [sys.executable, '-m', 'rcae_jax.main', '--config',
+       os.path.join(REPO, 'configs', 'smoke.py'), '--workdir', str(workdir),
+       *flags], capture_output=True, text=True, env=env, timeout=600,
+      cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  # 4 test images of 64 x 96 px, each 3 x 5 tiles at half overlap.
+  assert 'Tiled test: 4 images as 60 tiles of 32 source px' in result.stderr
+  report = json.load(open(workdir / 'metrics.json'))['wide']
+  for key in ('image_auroc', 'pixel_auroc', 'au_pro'):
+    assert 0.0 <= report[key] <= 1.0
+  thresholds = json.load(open(workdir / 'thresholds.json'))
+  assert thresholds['num_images'] >= 1
+  tiff = workdir / 'anomaly_maps' / 'wide' / 'test' / 'spot' / '001.tiff'
+  assert np.asarray(Image.open(tiff)).shape == (64, 96)
+  saved = json.load(open(workdir / 'checkpoints' / 'model_config.json'))
+  assert saved['data.tile_size'] == 32
+
+  inputs = tmp_path / 'in'
+  inputs.mkdir()
+  sizes = {'long.png': (40, 150), 'small.png': (20, 20)}
+  rng = np.random.default_rng(2)
+  for name, hw in sizes.items():
+    Image.fromarray(_surface(rng, hw)).save(inputs / name)
+  config = make_config(**{'data.root': root, 'data.category': 'wide',
+                          'data.tile_size': 32, 'data.tile_overlap': 0.5,
+                          'train.stage2.steps': 0, 'train.stage3.steps': 0,
+                          'eval.scoring': 'recursion', 'mode': 'predict',
+                          'predict.inputs': str(inputs),
+                          'predict.output': str(tmp_path / 'out')})
+  rows = run_lib.run(config, str(workdir))['predictions']
+  assert len(rows) == 2
+  for row in rows:
+    assert np.asarray(Image.open(row['map'])).shape == sizes[
+        os.path.basename(row['file'])]
+    assert row['decision'] in ('OK', 'DEFECT')
+  config.data.tile_size = 64
+  config.predict.output = str(tmp_path / 'out64')
+  with pytest.raises(validate.ConfigError, match='data.tile_size'):
+    run_lib.run(config, str(workdir))
