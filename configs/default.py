@@ -81,6 +81,24 @@ def get_config() -> ml_collections.ConfigDict:
   # 'keep_aspect' (scaled to fit inside it, edge-padded; maps are cropped
   # back to the image and the padding counts in no metric or score).
   data.resize = 'squash'
+  # (ours) Tiling for images much larger than the model, whose defects a
+  # resize to image_size would erase (rcae_jax/tiling.py; README, "High-
+  # resolution images: tiling"). 0 = off. T > 0: each image is scaled by
+  # image_size / T (not at all when T = image_size: native pixels) and cut
+  # into image_size x image_size tiles; training draws tiles, inference
+  # blends overlapping tiles' maps into one map per image. Needs a square
+  # image_size and resize='squash' (tiles keep the aspect ratio and are
+  # edge-padded where an image is smaller than one).
+  data.tile_size = 0
+  # (ours) Fraction of a tile's side that neighbouring inference tiles
+  # share, in [0, 1): more overlap, smoother seams, more tiles (forward
+  # passes per image: ceil((h - o) / (S - o)) x ceil((w - o) / (S - o)),
+  # o = overlap x S, h x w the image at the working resolution).
+  data.tile_overlap = 0.25
+  # (ours) Training tiles: 'random' (one tile per image and step, anywhere
+  # in it, drawn from seed and step) or 'grid' (the inference grid's
+  # tiles, every one once per epoch).
+  data.tile_sampling = 'random'
   # 'auto' (tf.data if TensorFlow imports, else in memory), 'tfdata' or
   # 'memory'. Both yield identical batches for the same seed.
   data.loader = 'auto'

@@ -258,6 +258,10 @@ def model_signature(config) -> dict:
   # Same shapes either way, but a model trained on padded images is not
   # one trained on squashed ones.
   sig['data.resize'] = config.data.resize
+  # The scale a model was trained at (image_size / tile_size): applied at
+  # another scale, its maps would mean nothing. (tile_overlap and
+  # tile_sampling change how tiles are drawn, not what the model is.)
+  sig['data.tile_size'] = config.data.tile_size
   return json.loads(json.dumps(sig, default=str))
 
 

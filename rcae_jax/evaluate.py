@@ -13,6 +13,11 @@ Image score (ours, METHOD.md): the maximum of the map after `box` or
 Pixel metrics are computed at the ground-truth resolution by default (maps
 upsampled bilinearly to each mask's original size, as MVTec's official
 evaluation does); `eval.pixel_resolution='model'` uses the model's size.
+
+Tiled runs (`data.tile_size`, tiling.py) map each image at its working
+resolution, blended from overlapping tiles, and everything above then uses
+that stitched map: the image score is taken from it (`map_score`), and
+'model' resolution means the working resolution.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from rcae_jax import fileio
 from rcae_jax import geometry
 from rcae_jax import inference
 from rcae_jax import metrics as metrics_lib
+from rcae_jax import tiling as tiling_lib
 from rcae_jax import validate
 from rcae_jax import visualize
 from rcae_jax.datasets import folder
@@ -84,6 +90,45 @@ def image_scores(maps: jax.Array, eval_cfg, valid=None) -> jax.Array:
   if valid is not None:
     smooth = jnp.where(valid, smooth, -jnp.inf)
   return smooth.max(axis=(1, 2))
+
+
+def _box_blur_np(amap: np.ndarray, size: int) -> np.ndarray:
+  """`box_blur` of one [h, w] map in numpy (zero outside, 'SAME')."""
+  if size <= 1:
+    return amap
+  lo = (size - 1) // 2
+  padded = np.pad(amap.astype(np.float64), ((lo, size - 1 - lo),) * 2)
+  summed = np.pad(padded.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+  h, w = amap.shape
+  window = (summed[size:size + h, size:size + w] - summed[:h, size:size + w]
+            - summed[size:size + h, :w] + summed[:h, :w])
+  return window / (size * size)
+
+
+def _gaussian_blur_np(amap: np.ndarray, sigma: float) -> np.ndarray:
+  """`gaussian_blur` of one [h, w] map in numpy (edge-padded)."""
+  if sigma <= 0:
+    return amap
+  k = gaussian_kernel(sigma).astype(np.float64)
+  r = (len(k) - 1) // 2
+  x = np.pad(amap.astype(np.float64), r, mode='edge')
+  h, w = amap.shape
+  x = sum(k[i] * x[i:i + h] for i in range(len(k)))
+  return sum(k[i] * x[:, i:i + w] for i in range(len(k)))
+
+
+def map_score(amap: np.ndarray, eval_cfg) -> float:
+  """`image_scores` of one map [h, w] of any size, every pixel valid, in
+  numpy: the stitched maps of tiled runs differ in size from image to
+  image, and a jitted score would compile for each."""
+  amap = np.asarray(amap, np.float32)
+  if eval_cfg.image_score == 'mean':
+    return float(amap.mean(dtype=np.float64))
+  if eval_cfg.smoothing == 'gaussian':
+    smooth = _gaussian_blur_np(amap, eval_cfg.smoothing_size / 3)
+  else:
+    smooth = _box_blur_np(amap, eval_cfg.smoothing_size)
+  return float(smooth.max())
 
 
 def depth_errors(ys: jax.Array, x: jax.Array) -> jax.Array:
@@ -166,9 +211,14 @@ def collect(loader, batch_size: int, fn, split: str = 'test') -> dict:
 def run_predictions(params, loader, config, split: str = 'test',
                     predict_fn=None, keep=()):
   """Maps [n, S, S], scores [n], labels [n], model-size masks [n, S, S],
-  and {index: (recs, details)} for the example indices in `keep` (for
-  pictures; everything else is dropped at once to bound host memory)."""
+  and {index: (recs, details, box)} for the example indices in `keep` (for
+  pictures; everything else is dropped at once to bound host memory; `box`
+  (y, x, h, w): the region of the map that recs and details show, here the
+  valid region). Tiled loaders: `run_tiled_predictions`."""
   predict_fn = predict_fn or make_predict_fn(config)
+  if loader.tiling is not None:
+    return run_tiled_predictions(params, loader, config, split, predict_fn,
+                                 keep)
   keep, kept, offset = set(keep), {}, 0
   # Squashed images fill the model size: the program without extents.
   padded = config.data.resize != 'squash'
@@ -180,12 +230,57 @@ def run_predictions(params, loader, config, split: str = 'test',
     for j in np.flatnonzero(valid):
       if offset + j in keep:
         kept[offset + j] = (np.asarray(out['recs'][:, j]),
-                            np.asarray(out['details'][:, j]))
+                            np.asarray(out['details'][:, j]),
+                            (0, 0) + tuple(int(v) for v in batch['extent'][j]))
     offset += int(valid.sum())
     return {'map': out['map'], 'score': out['score']}
 
   rows = collect(loader, config.eval.batch_size, step, split)
   return rows['map'], rows['score'], rows['label'], rows['mask'], kept
+
+
+def run_tiled_predictions(params, loader, config, split: str, predict_fn,
+                          keep=()):
+  """`run_predictions` of a tiled loader: maps and masks are lists of
+  each image's stitched map and mask at its working resolution; scores
+  come from the stitched maps; `kept[i]` holds the tile of image i whose
+  map peaks highest, with its box in the stitched map.
+
+  Tiles run through the program without extents, the one untiled squashed
+  images run through: an image of one tile's size maps bit for bit as it
+  does untiled."""
+  keep, best, labels, masks = set(keep), {}, [], []
+  tiles = 0
+
+  def images():
+    for image, mask, label in loader.tiled_examples(split):
+      labels.append(label)
+      masks.append(mask)
+      yield image
+
+  def predict_tiles(batch, pieces):
+    nonlocal tiles
+    tiles += len(pieces)
+    out = predict_fn(params, batch)
+    maps = np.asarray(out['map'])
+    for j, p in enumerate(pieces):
+      if p.image in keep:
+        peak = float(maps[j, :p.extent[0], :p.extent[1]].max())
+        if p.image not in best or peak > best[p.image][0]:
+          best[p.image] = (peak, np.asarray(out['recs'][:, j]),
+                           np.asarray(out['details'][:, j]),
+                           p.origin + p.extent)
+    return maps
+
+  maps = [m for _, m in tiling_lib.stitch_stream(
+      images(), predict_tiles, loader.tiling, config.eval.batch_size)]
+  scores = np.asarray([map_score(m, config.eval) for m in maps], np.float32)
+  t = loader.tiling
+  logging.info('Tiled %s: %d images as %d tiles of %d source px (%d model '
+               'px, overlap %.2f)', split, len(maps), tiles, t.tile, t.side,
+               t.overlap)
+  kept = {i: v[1:] for i, v in best.items()}
+  return maps, scores, np.asarray(labels, np.int32), masks, kept
 
 
 def choose_thresholds(params, loader, config, predict_fn) -> dict:
@@ -215,8 +310,9 @@ def choose_thresholds(params, loader, config, predict_fn) -> dict:
 
 
 def valid_regions(masks, maps, extents) -> tuple[list, list]:
-  """Model-size masks and maps as lists of their valid regions."""
-  return ([geometry.crop(m, e) for m, e in zip(masks, extents)],
+  """Model-size masks and maps as lists of their valid regions (masks as
+  bool)."""
+  return ([geometry.crop(m, e).astype(bool) for m, e in zip(masks, extents)],
           [geometry.crop(m, e) for m, e in zip(maps, extents)])
 
 
@@ -261,8 +357,7 @@ def evaluate(params, loader, config, workdir: str, writer=None,
     if resolution == 'ground_truth':
       masks, pixel_maps = full, gt_maps
     else:
-      masks, pixel_maps = valid_regions(small_masks.astype(bool), maps,
-                                        extents)
+      masks, pixel_maps = valid_regions(small_masks, maps, extents)
   result = metrics_lib.compute_metrics(
       labels, scores, masks=masks, maps=pixel_maps if masks else None,
       fpr_limit=config.eval.pro_fpr_limit)
@@ -363,8 +458,7 @@ def make_curve_hook(config, loader):
     maps, scores, labels, masks, _ = run_predictions(
         params, loader, cfg, 'test', predict_fns[stage])
     has_masks = loader.files.has_masks
-    masks, maps = valid_regions(masks.astype(bool), maps,
-                                loader.extents('test'))
+    masks, maps = valid_regions(masks, maps, loader.extents('test'))
     result = metrics_lib.compute_metrics(
         labels, scores, masks=masks if has_masks else None,
         maps=maps if has_masks else None,
@@ -393,16 +487,20 @@ def save_pictures(workdir, loader, examples, kept, maps, small_masks, labels,
       [geometry.crop(m, e) for m, e in zip(maps, extents)])
   tb = {}
   # Small model inputs are enlarged (nearest) so the panels stay legible.
-  k = max(1, -(-128 // maps.shape[1]))
+  k = max(1, -(-128 // loader.hw[0]))
   up = lambda a: np.repeat(np.repeat(np.asarray(a), k, -2 if a.ndim == 2
                                      else -3), k, -1 if a.ndim == 2 else -2)
-  for i, (recs, dets) in sorted(kept.items()):
-    ex, valid = examples[i], lambda a, e=extents[i]: up(geometry.crop(a, e))
+  for i, (recs, dets, (y, x, h, w)) in sorted(kept.items()):
+    # The box of the map that recs and details show: the valid region, or
+    # (tiled) the tile where the map peaks.
+    ex = examples[i]
+    box = lambda a, y=y, x=x, h=h, w=w: up(np.asarray(a)[y:y + h, x:x + w])
+    tile = lambda a, h=h, w=w: up(geometry.crop(a, (h, w)))
     strip = visualize.panel(
-        valid(loader.eval_image(i)), [valid(np.clip(r, 0, 1)) for r in recs],
-        [valid(np.clip(d, 0, 1)) for d in dets] if inference.uses_dpn(config)
-        else None, valid(maps[i]), vmin, vmax,
-        gt_mask=valid(small_masks[i].astype(bool)),
+        box(loader.eval_image(i)), [tile(np.clip(r, 0, 1)) for r in recs],
+        [tile(np.clip(d, 0, 1)) for d in dets] if inference.uses_dpn(config)
+        else None, box(maps[i]), vmin, vmax,
+        gt_mask=box(small_masks[i].astype(bool)),
         threshold=thresholds['pixel'])
     stem = os.path.splitext(os.path.basename(ex.path))[0]
     visualize.save_png(os.path.join(out, ex.defect_type, f'{stem}.png'), strip)

@@ -17,6 +17,14 @@ rotations applied on the host in numpy by `augment_batch`, the same function
 in both loaders, drawn from (seed, step, position in the global batch), so
 both loaders, any process count and resumed runs see the same transforms.
 
+Tiling (`data.tile_size`, tiling.py): a training example is one S x S tile
+of an image at the working resolution, cut on the host in numpy by
+`Loader.train_tile` in both loaders, at a position drawn like the
+augmentation (`tile_draws`) or from the inference grid. Tiled evaluation
+reads whole images at the working resolution (`Loader.tiled_examples`, the
+same Pillow code for both loaders); tiling.stitch_stream batches their
+tiles.
+
 TensorFlow is imported only inside the tf.data loader, so everything else
 runs where TensorFlow is not installed.
 """
@@ -33,6 +41,7 @@ import numpy as np
 
 from rcae_jax import fileio
 from rcae_jax import geometry
+from rcae_jax import tiling as tiling_lib
 from rcae_jax.datasets import decode, folder, synthetic
 
 
@@ -111,6 +120,18 @@ def padded_test_order(num_examples: int, batch_size: int) -> np.ndarray:
   return order
 
 
+def tile_draws(step: int, seed: int, local: int, process_index: int = 0,
+               process_count: int = 1) -> np.ndarray:
+  """float64 [local, 2] in [0, 1): where this host's examples of training
+  batch `step` take their random tile (tiling.random_origin). Drawn for
+  the whole global batch from (seed, step) and sliced by host, like
+  `augment_batch`, so both loaders, any process count and a resumed run
+  cut the same tiles."""
+  draws = np.random.default_rng([seed, 13, step]).random(
+      (local * process_count, 2))
+  return draws[process_index * local:(process_index + 1) * local]
+
+
 AUGMENT_OPS = ('hflip', 'vflip', 'rot90')
 
 
@@ -182,18 +203,21 @@ class Loader:
   """Shared interface; subclasses implement `train_batches` and
   `test_batches`. `image_size`: S or (H, W); `resize`: 'squash' or
   'keep_aspect' (geometry.py). `augment`: training augmentation ops
-  (`parse_augment`)."""
+  (`parse_augment`). `tiling`: a tiling.Tiling, or None (off)."""
 
   name = 'base'
 
   def __init__(self, files: folder.CategoryFiles, image_size,
                num_workers: int = 4, val: tuple[str, ...] = (),
-               augment='', resize: str = 'squash'):
+               augment='', resize: str = 'squash',
+               tiling: tiling_lib.Tiling | None = None):
     self.files = files
     self.image_size = image_size
     self.hw = geometry.as_hw(image_size)
     self.resize = resize
+    self.tiling = tiling
     self._extents = {}
+    self._grid = None
     self.num_workers = num_workers
     self.augment = parse_augment(augment)  # Fails at construction.
     # Evaluation splits: 'test' and the good images thresholds are set on
@@ -211,12 +235,88 @@ class Loader:
     return len(self.files.train)
 
   @property
+  def num_train_examples(self) -> int:
+    """Length of an epoch: images, or every grid tile of every image
+    (data.tile_sampling='grid')."""
+    if self.tiling is not None and self.tiling.sampling == 'grid':
+      return len(self.train_grid())
+    return self.num_train
+
+  def train_grid(self) -> list[tuple[int, tuple[int, int]]]:
+    """(image index, tile origin) of every inference-grid tile of every
+    training image (the sizes come from the files' headers)."""
+    if self._grid is None:
+      self._grid = [
+          (i, tuple(int(v) for v in origin))
+          for i, path in enumerate(self.files.train)
+          for origin in tiling_lib.grid(
+              tiling_lib.working_hw(decode.image_shape(path), self.tiling),
+              self.tiling)]
+    return self._grid
+
+  def train_source(self, example: int) -> int:
+    """The training image that example `example` of the stream is cut
+    from."""
+    if self.tiling is not None and self.tiling.sampling == 'grid':
+      return self.train_grid()[example][0]
+    return int(example)
+
+  def train_tile(self, image: np.ndarray, example: int, draw) -> np.ndarray:
+    """The S x S training tile of example `example` from its image at the
+    working resolution: at its grid origin, or at the position `draw`
+    (two uniforms, `tile_draws`) picks."""
+    side = self.tiling.side
+    if self.tiling.sampling == 'grid':
+      origin = self.train_grid()[example][1]
+    else:
+      origin = tiling_lib.random_origin(image.shape[:2], side, draw)
+    return tiling_lib.cut(image, origin, side)[0]
+
+  def load_working(self, path: str) -> np.ndarray:
+    """One image at the tiling's working resolution."""
+    return tiling_lib.to_working(decode.load_image(path, None), self.tiling)
+
+  def tiled_examples(self, split: str = 'test'
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """(image uint8 [h, w, 3], mask bool [h, w], label) of each example of
+    `split` at the working resolution, in order; the next few are decoded
+    on `num_workers` threads meanwhile. The same Pillow code for every
+    loader, so their tiled maps agree."""
+    examples = self.examples[split]
+
+    def load(i):
+      ex = examples[i]
+      image = decode.load_image(ex.path, None)
+      mask = decode.load_mask(ex.mask_path, image.shape[:2])
+      return (tiling_lib.to_working(image, self.tiling),
+              tiling_lib.mask_to_working(mask, self.tiling), ex.label)
+
+    workers = max(1, self.num_workers)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      ahead = [pool.submit(load, i) for i in range(min(workers,
+                                                       len(examples)))]
+      for i in range(len(examples)):
+        item = ahead.pop(0).result()
+        if i + workers < len(examples):
+          ahead.append(pool.submit(load, i + workers))
+        yield item
+
+  @property
   def num_test(self) -> int:
     return len(self.files.test)
 
   def load_image(self, path: str) -> np.ndarray:
     """One image as the model input uint8 [H, W, 3]."""
     return geometry.load_image(path, self.hw, self.resize)
+
+  def tile_batch(self, images, examples, step: int, seed: int,
+                 process_index: int, process_count: int) -> np.ndarray:
+    """uint8 [B_local, S, S, 3]: each example's tile, from its image at
+    the working resolution (`images[j]` for `examples[j]`)."""
+    draws = tile_draws(step, seed, len(examples), process_index,
+                       process_count)
+    return np.stack([self.train_tile(image, int(k), u)
+                     for image, k, u in zip(images, examples, draws)])
 
   def _test_mask(self, i: int, split: str = 'test') -> np.ndarray:
     ex = self.examples[split][i]
@@ -226,10 +326,15 @@ class Loader:
 
   def extents(self, split: str = 'test') -> np.ndarray:
     """int32 [n, 2]: each example's valid region at the model size (all
-    of it when squashed; then no file is opened)."""
+    of it when squashed; then no file is opened), or, tiled, its size at
+    the working resolution (its stitched map's size)."""
     if split not in self._extents:
       examples = self.examples[split]
-      if self.resize == 'squash':
+      if self.tiling is not None:
+        ext = np.asarray([tiling_lib.working_hw(decode.image_shape(e.path),
+                                                self.tiling)
+                          for e in examples], np.int32).reshape(-1, 2)
+      elif self.resize == 'squash':
         ext = np.tile(np.asarray(self.hw, np.int32), (len(examples), 1))
       else:
         ext = np.asarray([geometry.extent(decode.image_shape(e.path), self.hw,
@@ -239,8 +344,12 @@ class Loader:
     return self._extents[split]
 
   def eval_image(self, i: int, split: str = 'test') -> np.ndarray:
-    """One evaluation image at the model size (for pictures)."""
-    return self.load_image(self.examples[split][i].path)
+    """One evaluation image at the model size, or, tiled, at the working
+    resolution (for pictures)."""
+    path = self.examples[split][i].path
+    if self.tiling is not None:
+      return self.load_working(path)
+    return self.load_image(path)
 
   def full_masks(self) -> list[np.ndarray]:
     """Ground-truth masks at their original resolution, in test order."""
@@ -269,8 +378,9 @@ class MemoryLoader(Loader):
   name = 'memory'
 
   def __init__(self, files, image_size, num_workers=4, val=(), augment='',
-               resize='squash'):
-    super().__init__(files, image_size, num_workers, val, augment, resize)
+               resize='squash', tiling=None):
+    super().__init__(files, image_size, num_workers, val, augment, resize,
+                     tiling)
     self._train = None
     self._eval = {}
 
@@ -278,9 +388,15 @@ class MemoryLoader(Loader):
     with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
       return np.stack(list(pool.map(fn, items)))
 
-  def train_images(self) -> np.ndarray:
+  def train_images(self):
+    """uint8 [n, H, W, 3] at the model size, or, tiled, a list of the
+    images at the working resolution (their sizes may differ)."""
     if self._train is None:
-      self._train = self._decode_all(self.load_image, self.files.train)
+      if self.tiling is not None:
+        with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
+          self._train = list(pool.map(self.load_working, self.files.train))
+      else:
+        self._train = self._decode_all(self.load_image, self.files.train)
     return self._train
 
   def eval_arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -297,9 +413,15 @@ class MemoryLoader(Loader):
     images = self.train_images()
     step = start_step
     while True:
-      idx = host_slice(batch_indices(step, batch_size, self.num_train, seed),
+      idx = host_slice(batch_indices(step, batch_size,
+                                     self.num_train_examples, seed),
                        process_index, process_count)
-      yield {'image': augment_batch(images[idx], step, seed, self.augment,
+      if self.tiling is None:
+        batch = images[idx]
+      else:
+        batch = self.tile_batch([images[self.train_source(k)] for k in idx],
+                                idx, step, seed, process_index, process_count)
+      yield {'image': augment_batch(batch, step, seed, self.augment,
                                     process_index, process_count)}
       step += 1
 
@@ -340,8 +462,9 @@ class TFDataLoader(Loader):
   name = 'tfdata'
 
   def __init__(self, files, image_size, num_workers=4, val=(), augment='',
-               resize='squash'):
-    super().__init__(files, image_size, num_workers, val, augment, resize)
+               resize='squash', tiling=None):
+    super().__init__(files, image_size, num_workers, val, augment, resize,
+                     tiling)
     self.tf = import_tensorflow()
 
   def _decode_map(self, paths):
@@ -362,6 +485,11 @@ class TFDataLoader(Loader):
 
   def train_batches(self, batch_size, seed, start_step=0, process_index=0,
                     process_count=1):
+    if self.tiling is not None:
+      batches = self._tile_batches(batch_size, seed, start_step,
+                                   process_index, process_count)
+      return self._augmented(batches, seed, start_step, process_index,
+                             process_count)
     tf = self.tf
     local = batch_size // process_count
 
@@ -383,6 +511,44 @@ class TFDataLoader(Loader):
       return batches
     return self._augmented(batches, seed, start_step, process_index,
                            process_count)
+
+  def _tile_batches(self, batch_size, seed, start_step, process_index,
+                    process_count):
+    """Tiled training batches: each example decodes its image (at the
+    working resolution) and cuts its tile in tf.data's thread pool, with
+    the draws `tile_draws` gives the in-memory loader."""
+    tf = self.tf
+    local = batch_size // process_count
+    side = self.tiling.side
+    if self.tiling.sampling == 'grid':
+      self.train_grid()  # Reads every header once, here, not in tf.data.
+
+    def example_stream():
+      step = start_step
+      while True:
+        idx = host_slice(batch_indices(step, batch_size,
+                                       self.num_train_examples, seed),
+                         process_index, process_count)
+        yield idx, tile_draws(step, seed, local, process_index, process_count)
+        step += 1
+
+    def load(k, u):
+      path = self.files.train[self.train_source(int(k))]
+      return self.train_tile(self.load_working(path), int(k), u)
+
+    def fn(k, u):
+      tile = tf.numpy_function(load, [k, u], tf.uint8, stateful=False)
+      tile.set_shape((side, side, 3))
+      return tile
+
+    ds = tf.data.Dataset.from_generator(
+        example_stream, output_signature=(
+            tf.TensorSpec([local], tf.int64),
+            tf.TensorSpec([local, 2], tf.float64)))
+    ds = ds.unbatch().map(fn, num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=True)
+    ds = ds.batch(local, drop_remainder=True).map(lambda x: {'image': x})
+    return self._numpy(ds.prefetch(tf.data.AUTOTUNE))
 
   def _augmented(self, batches, seed, start_step, process_index,
                  process_count):
@@ -433,15 +599,16 @@ def make_loader(data_cfg, files: folder.CategoryFiles, val=()) -> Loader:
   choice = data_cfg.loader
   augment = data_cfg.augment
   parse_augment(augment)  # Before TensorFlow is imported.
+  tiling = tiling_lib.from_config(data_cfg)
   if choice == 'auto':
     choice = 'tfdata' if tensorflow_available() else 'memory'
     logging.info('data.loader=auto: using the %s loader%s', choice,
                  '' if choice == 'tfdata' else ' (TensorFlow not importable)')
   if choice == 'tfdata':
     return TFDataLoader(files, data_cfg.image_size, data_cfg.num_workers, val,
-                        augment, data_cfg.resize)
+                        augment, data_cfg.resize, tiling)
   if choice == 'memory':
     return MemoryLoader(files, data_cfg.image_size, data_cfg.num_workers, val,
-                        augment, data_cfg.resize)
+                        augment, data_cfg.resize, tiling)
   raise ValueError(f"data.loader must be 'auto', 'tfdata' or 'memory', got "
                    f'{choice!r}')

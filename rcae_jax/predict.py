@@ -9,7 +9,10 @@ map (its valid region, with data.resize='keep_aspect') is resized back to
 the image's own resolution. Per image: a float32
 TIFF map and an overlay PNG under its unique name (predict_inputs.py), and
 a row with the image score and an OK/DEFECT decision at the stored image
-threshold.
+threshold. With `data.tile_size` (tiling.py) each image is instead cut
+into overlapping tiles at its working resolution, the tiles of a batch's
+images share fixed-size batches, and the blended map goes back to the
+image's own resolution.
 
 Built for a production line's folders: an image that cannot be decoded
 becomes an ERROR row with the reason and the rest are scored; rows are
@@ -36,6 +39,7 @@ from rcae_jax import fileio
 from rcae_jax import geometry
 from rcae_jax import predict_inputs
 from rcae_jax import predict_report
+from rcae_jax import tiling as tiling_lib
 from rcae_jax import visualize
 from rcae_jax.datasets import decode
 
@@ -95,12 +99,28 @@ def padded_batch(images, batch_size: int, size, resize: str = 'squash'
   return np.stack(small + pad), np.asarray(extents, np.int32)
 
 
+def tiled_maps(predict_fn, params, images, config
+               ) -> tuple[list[np.ndarray], list[float]]:
+  """Stitched maps at the working resolution and their image scores, for
+  images at their own resolution (data.tile_size > 0)."""
+  tiling = tiling_lib.from_config(config.data)
+  working = (tiling_lib.to_working(im, tiling) for im in images)
+  maps = [m for _, m in tiling_lib.stitch_stream(
+      working, lambda batch, _: predict_fn(params, batch)['map'], tiling,
+      config.eval.batch_size)]
+  return maps, [evaluate.map_score(m, config.eval) for m in maps]
+
+
 def score_chunk(predict_fn, params, chunk, decoded, config, thresholds,
                 out_dir: str) -> list[dict]:
   """Rows for one batch; writes each readable image's map and overlay."""
   ok = [j for j, (image, _) in enumerate(decoded) if image is not None]
   row_of = {j: k for k, j in enumerate(ok)}  # Chunk index -> batch row.
-  if ok:
+  if ok and config.data.tile_size:
+    maps, scores = tiled_maps(predict_fn, params,
+                              [decoded[j][0] for j in ok], config)
+    extents = [m.shape for m in maps]  # All of each stitched map.
+  elif ok:
     batch, extents = padded_batch([decoded[j][0] for j in ok],
                                   config.eval.batch_size,
                                   config.data.image_size, config.data.resize)

@@ -29,8 +29,11 @@ def prepare(config, workdir: str):
   logging.info('Data: %s/%s, %d train, %d test images', files.root,
                files.category, len(files.train), len(files.test))
   if config.data.check_files:
+    # Tiled runs scale every image by image_size / tile_size by choice:
+    # no image is enlarged to fit the model, so there is nothing to report.
     check.validate_category(files, workers=config.data.num_workers,
-                            image_size=geometry.model_hw(config.data),
+                            image_size=(None if config.data.tile_size else
+                                        geometry.model_hw(config.data)),
                             resize=config.data.resize)
   train_files, val = input_pipeline.split_validation(
       files, config.data.val_fraction, config.seed)

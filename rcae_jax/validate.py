@@ -30,6 +30,36 @@ def check_scoring(config) -> None:
                       "config.eval.scoring='recursion'")
 
 
+def check_tiling(config, height: int, width: int) -> None:
+  """data.tile_size / tile_overlap / tile_sampling (rcae_jax/tiling.py)."""
+  d = config.data
+  size = d.tile_size
+  if (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+    raise ConfigError('config.data.tile_size must be 0 (off) or a tile side '
+                      f'in source pixels >= 1, got {size!r}')
+  _choice(d.tile_sampling, 'data.tile_sampling', ('random', 'grid'))
+  if not 0 <= d.tile_overlap < 1:
+    raise ConfigError('config.data.tile_overlap is the fraction of a tile\'s '
+                      f'side that neighbouring tiles share, in [0, 1), got '
+                      f'{d.tile_overlap!r}')
+  if not size:
+    return
+  if height != width:
+    raise ConfigError(
+        f'config.data.tile_size={size} cuts square tiles: set a square '
+        f'config.data.image_size (S), got (H, W) = {(height, width)}')
+  if d.resize != 'squash':
+    raise ConfigError(
+        f'config.data.tile_size={size} keeps the aspect ratio itself (each '
+        'image is scaled by image_size / tile_size and edge-padded where it '
+        "is smaller than a tile): leave config.data.resize='squash', got "
+        f'{d.resize!r}')
+  if config.mode in ('export', 'depth_report'):
+    raise ConfigError(
+        f"config.mode='{config.mode}' does not support tiling yet: set "
+        'config.data.tile_size=0')
+
+
 def validate(config) -> None:
   _choice(config.mode, 'mode', MODES)
   m, d, t, e = config.model, config.data, config.train, config.eval
@@ -76,6 +106,7 @@ def validate(config) -> None:
     raise ConfigError(
         f"config.data.augment='{d.augment}': rot90 needs a square "
         f'config.data.image_size, got (H, W) = {(height, width)}')
+  check_tiling(config, height, width)
   if config.mode == 'export' and (height != width or d.resize != 'squash'):
     raise ConfigError(
         "config.mode='export' supports a square config.data.image_size with "
