@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
+from conftest import subprocess_env
 import test_no_tensorflow
 from rcae_jax import benchmark
 from rcae_jax import evaluate
@@ -169,8 +170,7 @@ def test_export_command_and_serve_script_match_predict(trained, tmp_path):
   want = {r['name']: r for r in
           run_lib.run(predict_config, workdir)['predictions']}
 
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env = subprocess_env()
   # Export needs no TensorFlow: run it as where none is installed.
   proc = subprocess.run(
       [sys.executable, '-c', test_no_tensorflow.BLOCKING_RUNNER,

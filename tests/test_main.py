@@ -6,13 +6,13 @@ import sys
 
 import pytest
 
+from conftest import subprocess_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(*args, tmp_path):
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu',
-             RCAE_JAX_CACHE=str(tmp_path / 'cache'))
-  env.pop('XLA_FLAGS', None)
+  env = subprocess_env(RCAE_JAX_CACHE=str(tmp_path / 'cache'))
   return subprocess.run(
       [sys.executable, '-m', 'rcae_jax.main', '--config',
        os.path.join(REPO, 'configs', 'default.py'), '--workdir',

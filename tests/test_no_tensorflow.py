@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from conftest import subprocess_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Runs rcae_jax.main with the TF stack (and clu, which some accelerator
@@ -35,9 +37,7 @@ STAGE1_ONLY = ('--config.train.stage1.steps=8', '--config.train.stage2.steps=0',
 
 def test_main_job_runs_without_tensorflow(tmp_path):
   workdir = tmp_path / 'wd'
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu',
-             RCAE_JAX_CACHE=str(tmp_path / 'cache'))
-  env.pop('XLA_FLAGS', None)
+  env = subprocess_env(RCAE_JAX_CACHE=str(tmp_path / 'cache'))
   result = subprocess.run(
       [sys.executable, '-c', BLOCKING_RUNNER, '--config',
        os.path.join(REPO, 'configs', 'smoke.py'), '--workdir', str(workdir),

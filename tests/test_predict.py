@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import subprocess_env
+
 from rcae_jax import run as run_lib
 from rcae_jax.datasets import folder
 from test_no_tensorflow import BLOCKING_RUNNER
@@ -229,8 +231,7 @@ def test_predict_command_survives_bad_frames(trained, tmp_path):
   _save(str(inputs / 'line2' / '001.png'), (40, 50, 3), seed=2)
   _truncated_png(str(inputs / 'line1' / '002.png'))
   (inputs / 'garbage.jpg').write_bytes(b'\xff\xd8 not a jpeg')
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env = subprocess_env()
   # Predict needs no TensorFlow: run it as where none is installed.
   proc = subprocess.run(
       [sys.executable, '-c', BLOCKING_RUNNER,

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import subprocess_env
 from rcae_jax import checkpoints
 from rcae_jax import fileio
 from rcae_jax import inference
@@ -58,10 +59,8 @@ def env(tmp_path_factory):
   with os.environ: the same programs load instead of compiling again, ~10 s
   per run on 2 cores."""
   root = tmp_path_factory.mktemp('reliability')
-  e = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
-  e.pop('XLA_FLAGS', None)
-  return {'env': e, 'config': os.path.join(REPO, 'configs', 'smoke.py'),
-          'root': root}
+  return {'env': subprocess_env(),
+          'config': os.path.join(REPO, 'configs', 'smoke.py'), 'root': root}
 
 
 def start(env, workdir, delay=0.0, **overrides):

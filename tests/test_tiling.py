@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import subprocess_env
+
 from rcae_jax import evaluate
 from rcae_jax import inference
 from rcae_jax import input_pipeline
@@ -321,8 +323,7 @@ def test_tiled_run_from_the_command_line(make_config, tmp_path):
            '--config.data.tile_size=32', '--config.data.tile_overlap=0.5',
            '--config.train.stage2.steps=0', '--config.train.stage3.steps=0',
            '--config.eval.scoring=recursion', '--config.mesh.num_devices=1']
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env = subprocess_env()
   result = subprocess.run(
       [sys.executable, '-m', 'rcae_jax.main', '--config',
        os.path.join(REPO, 'configs', 'smoke.py'), '--workdir', str(workdir),

@@ -13,6 +13,7 @@ import pytest
 import tensorstore as ts
 
 from conftest import REPO
+from conftest import subprocess_env
 from rcae_jax import checkpoints
 from rcae_jax import workdir_lock
 from rcae_jax.workdir_lock import LOCK_NAME
@@ -213,8 +214,7 @@ def test_main_refuses_a_busy_workdir_in_one_line(tmp_path):
   workdir = str(tmp_path / 'wd')
   os.makedirs(workdir)
   lock = workdir_lock.acquire(workdir, lock_cfg())
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
+  env = subprocess_env()
   try:
     result = subprocess.run(
         [sys.executable, '-m', 'rcae_jax.main', '--config',
