@@ -119,13 +119,17 @@ def dispatch(config, workdir: str) -> dict:
   return report
 
 
-def log_checksum(params) -> None:
+def checksum(params) -> dict:
   """Sum of |w| per component: a cheap fingerprint to compare runs and
   processes by (multi-host runs must end with identical parameters)."""
-  sums = {k: float(np.sum([np.abs(np.asarray(x, np.float64)).sum()
+  return {k: float(np.sum([np.abs(np.asarray(x, np.float64)).sum()
                            for x in jax.tree.leaves(v)]))
           for k, v in params.items()}
-  logging.info('Parameter checksum: %s', json.dumps(sums, sort_keys=True))
+
+
+def log_checksum(params) -> None:
+  logging.info('Parameter checksum: %s',
+               json.dumps(checksum(params), sort_keys=True))
 
 
 def log_model_cost(config, params, workdir: str) -> None:

@@ -41,8 +41,12 @@ def test_good_only_trains_sets_thresholds_and_predicts(make_config, tmp_path,
                                                        caplog):
   root = _good_only_root(tmp_path)
   workdir = str(tmp_path / 'wd')
+  # Stage 1 only: what a good-only folder changes is the data, thresholds,
+  # metrics and predict, the same for every scoring.
   config = make_config(**{'data.root': root, 'data.category': 'line',
-                          'data.val_fraction': 0.2, 'eval.every_steps': 2})
+                          'data.val_fraction': 0.2, 'eval.every_steps': 2,
+                          'train.stage2.steps': 0, 'train.stage3.steps': 0,
+                          'eval.scoring': 'recursion'})
   with caplog.at_level(logging.WARNING):
     report = run_lib.run(config, workdir)
   notices = [r.getMessage() for r in caplog.records

@@ -9,13 +9,21 @@ import sys
 
 import numpy as np
 
+from conftest import subprocess_env
+from conftest import tiny_config
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ['--config', os.path.join(REPO, 'configs', 'smoke.py'),
-        # Stage 1 only keeps the three runs short; stages 2 and 3 under a
+        # Stage 1 only keeps the runs short; stages 2 and 3 under a
         # mesh are covered by test_sharding.py.
         '--config.train.stage1.steps=4', '--config.train.stage2.steps=0',
         '--config.train.stage3.steps=0', '--config.eval.scoring=recursion',
         '--config.eval.pictures_per_type=0', '--config.eval.export_maps=False']
+# ARGS as tests/conftest.py's tiny_config overrides, on two devices.
+SINGLE_OVERRIDES = {
+    'train.stage1.steps': 4, 'train.stage2.steps': 0, 'train.stage3.steps': 0,
+    'eval.scoring': 'recursion', 'eval.pictures_per_type': 0,
+    'eval.export_maps': False, 'mesh.num_devices': 2}
 
 
 def free_port():
@@ -25,10 +33,7 @@ def free_port():
 
 
 def env_for(tmp_path, **extra):
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu',
-             RCAE_JAX_CACHE=str(tmp_path / 'cache'), **extra)
-  env.pop('XLA_FLAGS', None)
-  return env
+  return subprocess_env(RCAE_JAX_CACHE=str(tmp_path / 'cache'), **extra)
 
 
 def main_cmd(workdir):
@@ -41,14 +46,14 @@ def checksums(log: str) -> list[str]:
           if 'Parameter checksum: ' in l]
 
 
-def test_two_processes_match_one_process_with_two_devices(tmp_path):
-  from rcae_jax.datasets import synthetic  # pylint: disable=g-import-not-at-top
-  # Generate the data once, so the two processes do not race to write it.
+def test_two_processes_match_one_process_with_two_devices(tmp_path,
+                                                          monkeypatch):
+  from rcae_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from rcae_jax import run as run_lib  # pylint: disable=g-import-not-at-top
   subprocess.run([sys.executable, '-c',
                   'from rcae_jax.datasets import synthetic; synthetic.ensure('
                   'size=32, n_train=8, n_test_good=4, n_per_defect=2)'],
                  env=env_for(tmp_path), check=True, cwd=REPO, timeout=120)
-  del synthetic
   port = free_port()
   procs = [subprocess.Popen(
       main_cmd(tmp_path / 'multi'), stdout=subprocess.PIPE,
@@ -59,21 +64,19 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
   logs = [p.communicate(timeout=600)[0] for p in procs]
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
-  single = subprocess.run(
-      main_cmd(tmp_path / 'single'), capture_output=True, text=True,
-      cwd=REPO, timeout=600,
-      env=env_for(tmp_path,
-                  XLA_FLAGS='--xla_force_host_platform_device_count=2'))
-  assert single.returncode == 0, single.stderr[-3000:]
-  # Both processes end with identical parameters...
+  # The reference, in this process: the same config on two of the tests'
+  # fake devices, the same data (the subprocesses' cache).
+  monkeypatch.setenv('RCAE_JAX_CACHE', str(tmp_path / 'cache'))
+  config = tiny_config(**SINGLE_OVERRIDES)
+  one = run_lib.run(config, str(tmp_path / 'single'))['synthetic']
+  ref = run_lib.checksum(checkpoints.load_params(config,
+                                                 str(tmp_path / 'single')))
   sums = [checksums(log) for log in logs]
   assert sums[0] and sums[0] == sums[1]
-  # ...equal to the one-process, two-device run on the same global batches.
-  ref = checksums(single.stderr)
-  for a, b in zip(json.loads(sums[0][-1]).values(),
-                  json.loads(ref[-1]).values()):
-    np.testing.assert_allclose(a, b, rtol=1e-4)
+  multi_sums = json.loads(sums[0][-1])
+  assert sorted(multi_sums) == sorted(ref)
+  for name, value in ref.items():
+    np.testing.assert_allclose(multi_sums[name], value, rtol=1e-4)
   multi = json.load(open(tmp_path / 'multi' / 'metrics.json'))['synthetic']
-  one = json.load(open(tmp_path / 'single' / 'metrics.json'))['synthetic']
   for key in ('image_auroc', 'pixel_auroc', 'au_pro'):
     np.testing.assert_allclose(multi[key], one[key], atol=1e-3)
