@@ -28,7 +28,9 @@ MVTec-AD grid image / pixel AUROC 0.944 / 0.930, AU-PRO 0.846, in 66 min
 of wall time (curve evaluations included, cores shared); KolektorSDD
 (no augmentation) 0.758 / 0.825, AU-PRO 0.459, in about 60-65 min
 (stage 3 alone 44 min; the run was paused, docs/results.md), and with
-`--config.seed=1` 0.768 / 0.889, AU-PRO 0.558. Far below
+`--config.seed=1` 0.768 / 0.889, AU-PRO 0.558; VisA capsules (no
+augmentation, seed 0) 0.650 / 0.825, AU-PRO 0.472, below the earlier
+real_128 row's pixel AUROC of 0.911. Far below
 the paper's numbers and below the issue-14 targets: 128 px, a 17k-parameter
 RcAE and ~100 stage-1 epochs instead of 1024 px and 1500 epochs
 (configs/tpu.py is the paper-sized setting).
