@@ -27,19 +27,19 @@ per model pixel whatever the image's size.
   sums are float64, so a pixel covered by one tile gets that tile's value
   bit for bit: an image of one tile's size maps exactly as without tiling.
 
-Pure numpy (and Pillow through `decode` for the one resize): no JAX here;
-the model is a callable passed to `stitch_stream`.
+Numpy (and Pillow through `decode` for the one resize): no JAX computation
+here; the model is a callable passed to `stitch_stream`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
 import numpy as np
 
+from rcae_jax import geometry
 from rcae_jax.datasets import decode
 
 SAMPLINGS = ('random', 'grid')
@@ -66,15 +66,11 @@ def from_config(data_cfg) -> Optional[Tiling]:
   Validated settings only (validate.py checks them first)."""
   if not data_cfg.tile_size:
     return None
-  size = data_cfg.image_size  # S, or a square (S, S): validated.
+  # S, or a square (S, S): validated.
   return Tiling(tile=int(data_cfg.tile_size),
-                side=int(size if is_size(size) else size[0]),
+                side=geometry.model_hw(data_cfg)[0],
                 overlap=float(data_cfg.tile_overlap),
                 sampling=data_cfg.tile_sampling)
-
-
-def is_size(value) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def working_hw(image_hw, tiling: Tiling) -> tuple[int, int]:
