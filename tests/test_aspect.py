@@ -183,6 +183,7 @@ def test_maps_align_with_masks_and_padding_counts_nowhere(
   assert thresholds['pixel'] < 0.3  # Good pixels only (the dark surface).
 
 
+@pytest.mark.slow
 def test_keep_aspect_trains_evaluates_and_predicts(make_config, tmp_path):
   root = _category(tmp_path / 'data')
   workdir = str(tmp_path / 'wd')

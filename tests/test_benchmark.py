@@ -150,6 +150,7 @@ def run_python(code: str, blocked, cwd=REPO):
                         capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_run_benchmark_tiny_without_tensorflow(tmp_path):
   """The tiny benchmark, run where TensorFlow / clu / TFDS cannot be
   imported (as on JAX-only accelerator images), then its JSON checked."""

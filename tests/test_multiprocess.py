@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import subprocess_env
 from conftest import tiny_config
@@ -46,14 +47,16 @@ def checksums(log: str) -> list[str]:
           if 'Parameter checksum: ' in l]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_two_devices(tmp_path,
                                                           monkeypatch):
   from rcae_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from rcae_jax import run as run_lib  # pylint: disable=g-import-not-at-top
-  subprocess.run([sys.executable, '-c',
-                  'from rcae_jax.datasets import synthetic; synthetic.ensure('
-                  'size=32, n_train=8, n_test_good=4, n_per_defect=2)'],
-                 env=env_for(tmp_path), check=True, cwd=REPO, timeout=120)
+  from rcae_jax.datasets import synthetic  # pylint: disable=g-import-not-at-top
+  # The data first, here: the two processes then find it in their cache
+  # instead of both generating it.
+  monkeypatch.setenv('RCAE_JAX_CACHE', str(tmp_path / 'cache'))
+  synthetic.ensure(size=32, n_train=8, n_test_good=4, n_per_defect=2)
   port = free_port()
   procs = [subprocess.Popen(
       main_cmd(tmp_path / 'multi'), stdout=subprocess.PIPE,
@@ -65,8 +68,7 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path,
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
   # The reference, in this process: the same config on two of the tests'
-  # fake devices, the same data (the subprocesses' cache).
-  monkeypatch.setenv('RCAE_JAX_CACHE', str(tmp_path / 'cache'))
+  # fake devices, the same data.
   config = tiny_config(**SINGLE_OVERRIDES)
   one = run_lib.run(config, str(tmp_path / 'single'))['synthetic']
   ref = run_lib.checksum(checkpoints.load_params(config,

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +37,7 @@ STAGE1_ONLY = ('--config.train.stage1.steps=8', '--config.train.stage2.steps=0',
                '--config.eval.scoring=recursion')
 
 
+@pytest.mark.slow
 def test_main_job_runs_without_tensorflow(tmp_path):
   workdir = tmp_path / 'wd'
   env = subprocess_env(RCAE_JAX_CACHE=str(tmp_path / 'cache'))

@@ -31,6 +31,7 @@ def _check(result, loaders, sizes, batch=4, steps=2):
   assert result['machine']['cpu_count'] >= 1
 
 
+@pytest.mark.slow
 def test_both_loaders_print_and_write_json(tmp_path):
   out = tmp_path / 'bench.json'
   env = dict(os.environ, PYTHONPATH=REPO)

@@ -175,6 +175,7 @@ def test_report_appends_resumes_and_refuses_another_model(tmp_path):
     predict_report.Report(path, 0.6)
 
 
+@pytest.mark.slow
 def test_interrupted_predict_keeps_rows_and_rerun_skips_them(
     trained, tmp_path, monkeypatch):
   from rcae_jax import predict  # pylint: disable=g-import-not-at-top

@@ -280,6 +280,7 @@ def all_finite(tree) -> bool:
              for x in jax.tree.leaves(tree))
 
 
+@pytest.mark.slow
 def test_nonfinite_step_stops_without_saving_then_skip_mode_finishes(
     make_config, tmp_path, caplog):
   workdir = str(tmp_path / 'wd')
@@ -491,6 +492,7 @@ def test_checkpoint_save_on_a_full_disk_names_the_intact_one(
   assert sorted(os.listdir(directory)) == ['1', '2', '3']
 
 
+@pytest.mark.slow
 def test_training_goes_on_past_a_damaged_checkpoint_stops_on_a_full_disk(
     env, reference, tmp_path, monkeypatch, caplog):
   """One resumed run meets both (one in-process training, one rerun, not
@@ -630,6 +632,7 @@ cp -a "$MNT/wd" "$OUT/after_rerun"
 '''
 
 
+@pytest.mark.slow
 def test_real_full_disk_stops_in_one_line_and_the_rerun_resumes(env,
                                                                  tmp_path):
   """The real thing where the machine allows it: the workdir on a 64 MiB

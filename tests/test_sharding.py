@@ -24,6 +24,7 @@ def one_step(config, stage, mesh, batch):
   return step_fn(state, frozen, batch, train.step_rng(0, stage, 0), 0), batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('stage', [1, 2, 3])
 def test_sharded_step_equals_single_device_step(make_config, stage):
   assert jax.device_count() == 8, 'conftest sets 8 fake CPU devices'
@@ -49,6 +50,7 @@ def test_indivisible_batch_is_a_clear_error(make_config):
     sharding.check_batch(12, mesh)
 
 
+@pytest.mark.slow
 def test_scaling_benchmark_reports_each_device_count(tmp_path):
   from rcae_jax import scaling_benchmark  # pylint: disable=g-import-not-at-top
   out = tmp_path / 'scaling.json'

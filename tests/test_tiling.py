@@ -309,6 +309,7 @@ def test_bad_tiling_is_one_clear_error(make_config, config_values, message):
 # ------------------------------------------------------------ end to end
 
 
+@pytest.mark.slow
 def test_tiled_run_from_the_command_line(make_config, tmp_path):
   """`python -m rcae_jax.main ... --config.data.tile_size=32`: trains on
   tiles, writes thresholds, metrics and TIFFs at each image's size from the

@@ -33,6 +33,7 @@ def setup_stage(config, stage):
   return state, frozen, step_fn
 
 
+@pytest.mark.slow
 def test_stage1_loss_decreases_on_a_fixed_batch(make_config):
   # The default learning rate and test_sharding.py's batch of 8: the step
   # program is one the suite compiles anyway (a rate is a constant in it).
@@ -129,6 +130,7 @@ def test_main_run_writes_metrics_checkpoint_and_resumes(trained):
   assert on_disk == report
 
 
+@pytest.mark.slow
 def test_resume_mid_stage_matches_straight_run(make_config, tmp_path):
   straight = make_config(**{'train.stage1.steps': 4,
                             'train.stage2.steps': 0, 'train.stage3.steps': 0,
@@ -190,6 +192,7 @@ def test_cosine_schedule_warms_up_then_decays(make_config):
   assert 0 < lr(55) < 1e-3 and lr(100) < 1e-6
 
 
+@pytest.mark.slow
 def test_stage_steps_train_on_crops(make_config):
   """train.crop_size: every stage's step runs on random crops of the batch
   (the 32 px smoke images, 16 px crops) and still learns something."""
