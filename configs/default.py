@@ -32,9 +32,11 @@ def get_config() -> ml_collections.ConfigDict:
   # the latest checkpoint in --workdir and evaluate it), 'predict' (score
   # new images), 'export' (write <workdir>/export/: the inference function
   # as StableHLO for serving without this code; ours), 'benchmark'
-  # (inference latency) or 'depth_report'
+  # (inference latency), 'depth_report'
   # (per-depth reconstruction errors on defects vs elsewhere, before and
-  # after DPN: rcae_jax/depth_report.py).
+  # after DPN: rcae_jax/depth_report.py) or 'fusion_report' (test metrics
+  # of CRD's map, the recursion map and fusions of the two:
+  # rcae_jax/fusion_report.py).
   config.mode = 'train'
   # Seed for parameters, batch order, depth sampling and pseudo-anomalies.
   config.seed = 0

@@ -77,15 +77,20 @@ def dispatch(config, workdir: str) -> dict:
     from rcae_jax import export  # pylint: disable=g-import-not-at-top
     return export.run_export(config, workdir)
   loader = prepare(config, workdir)
-  if config.mode == 'depth_report' and folder.good_only(loader.files):
+  reports = ('depth_report', 'fusion_report')
+  if config.mode in reports and folder.good_only(loader.files):
     raise folder.DataError(
-        f'depth_report needs test images with masks; '
+        f'{config.mode} needs test images with masks; '
         f'{os.path.join(loader.files.root, loader.files.category)!r} has no '
         'test/ folder')
   if config.mode == 'depth_report':
     from rcae_jax import depth_report  # pylint: disable=g-import-not-at-top
     params = jax.device_get(checkpoints.load_params(config, workdir))
     return depth_report.run_depth_report(params, loader, config, workdir)
+  if config.mode == 'fusion_report':
+    from rcae_jax import fusion_report  # pylint: disable=g-import-not-at-top
+    params = jax.device_get(checkpoints.load_params(config, workdir))
+    return fusion_report.run_fusion_report(params, loader, config, workdir)
   if config.mode == 'train':
     # A good-only category has no test set to draw curves from (evaluate
     # says so once, when it skips the test metrics).

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 MODES = ('train', 'evaluate', 'predict', 'export', 'benchmark',
-         'depth_report')
+         'depth_report', 'fusion_report')
 # jax.export's names for the platforms an artefact can be lowered for.
 EXPORT_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
@@ -28,6 +28,10 @@ def check_scoring(config) -> None:
     raise ConfigError("config.eval.scoring='crd' needs stage 3: set "
                       "config.train.stage3.steps > 0 or "
                       "config.eval.scoring='recursion'")
+  if config.mode == 'fusion_report' and config.train.stage3.steps == 0:
+    raise ConfigError("config.mode='fusion_report' compares CRD's map with "
+                      'the recursion map and needs stage 3: set '
+                      'config.train.stage3.steps > 0')
 
 
 def check_tiling(config, height: int, width: int) -> None:
@@ -54,7 +58,7 @@ def check_tiling(config, height: int, width: int) -> None:
         'image is scaled by image_size / tile_size and edge-padded where it '
         "is smaller than a tile): leave config.data.resize='squash', got "
         f'{d.resize!r}')
-  if config.mode in ('export', 'depth_report'):
+  if config.mode in ('export', 'depth_report', 'fusion_report'):
     raise ConfigError(
         f"config.mode='{config.mode}' does not support tiling yet: set "
         'config.data.tile_size=0')

@@ -300,6 +300,8 @@ def test_training_tiles_are_cut_from_the_working_image(tmp_path):
      "mode='export' does not support tiling"),
     ({'data.tile_size': 64, 'mode': 'depth_report'},
      "mode='depth_report' does not support tiling"),
+    ({'data.tile_size': 64, 'mode': 'fusion_report'},
+     "mode='fusion_report' does not support tiling"),
 ])
 def test_bad_tiling_is_one_clear_error(make_config, config_values, message):
   with pytest.raises(validate.ConfigError, match=re.escape(message)):
