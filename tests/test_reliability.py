@@ -110,7 +110,10 @@ def reference(env):
   """The uninterrupted run, started at once; the interrupted ones run
   while it evaluates (they mostly sleep between steps)."""
   workdir = env['root'] / 'straight'
-  proc = start(env, workdir)
+  # Saves at steps STEPS - 1 and STEPS (the stage's end), which the tests
+  # that copy its checkpoints need; a save at every step (OVERRIDES, for
+  # the runs that are interrupted) changes no number and costs ~0.6 s each.
+  proc = start(env, workdir, **{'train.checkpoint_every': STEPS - 1})
   state = {'done': False}
 
   def wait():
@@ -175,7 +178,7 @@ def test_sigkill_then_sigterm_then_resume_is_bit_identical(env, reference):
   assert killed_after < stopped_at <= STEPS, (killed_after, stopped_at)
   assert not checkpoints.training_complete(str(workdir))
   # 3. Resume to the end: the same numbers as the uninterrupted run.
-  proc = start(env, workdir)
+  proc = start(env, workdir, **{'train.checkpoint_every': 1000})
   finish(proc, workdir)
   assert f'Resuming from checkpoint at stage 1 step {stopped_at}' in (
       log_of(workdir))
