@@ -99,10 +99,8 @@ SHARED_FIXTURES = {'trained': 'trained',  # conftest.trained
 # must see them.
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
-  """Puts each shared fixture's tests in one xdist group. (Running the
-  `slow` tests first was tried: 522 s against 312 s, since they then
-  compile the programs that the quick tests would have left in the
-  compilation cache for them.)"""
+  """Puts each shared fixture's tests in one xdist group. (pytest 9.2
+  breaks the groups: setup.cfg pins it below.)"""
   for item in items:
     for name in getattr(item, 'fixturenames', ()):
       if name in SHARED_FIXTURES:
