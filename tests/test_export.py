@@ -228,3 +228,13 @@ def test_export_config_is_validated():
   with pytest.raises(validate.ConfigError, match='export.platforms'):
     validate.validate(tiny_config(**{'mode': 'export',
                                      'export.platforms': ('gpu',)}))
+
+
+def test_shared_fixture_tests_reach_one_xdist_group(exported, request):
+  """Under `--dist loadgroup` (setup.cfg) xdist suffixes a grouped test's
+  node id with its group; without the suffix every worker builds the
+  shared fixtures itself (as under pytest 9.2). Run without xdist, there
+  is nothing to group."""
+  del exported  # Only its name matters: conftest.SHARED_FIXTURES.
+  if getattr(request.config.option, 'loadgroup', False):
+    assert request.node.nodeid.endswith('@export'), request.node.nodeid
