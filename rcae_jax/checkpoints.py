@@ -28,7 +28,9 @@ Beside the step folders (not step names, so Orbax ignores them):
 `model_config.json`, the model fields the parameters were made with (a
 resume with another model is refused, naming the fields), and
 `TRAINING_COMPLETE` once every stage has run its steps. `load_params`
-gives the latest parameters to evaluation, predict and export.
+gives the latest parameters to evaluation, predict and export: it restores
+`params` alone (an Orbax partial restore), so inference never builds the
+optimizer's state and never imports optax.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ import orbax.checkpoint as ocp
 
 from rcae_jax import fileio
 from rcae_jax import inference
-from rcae_jax import train_state
 from rcae_jax import validate
 from rcae_jax import workdir_lock
 
@@ -139,20 +140,31 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self._mngr.latest_step()
 
-  def _restore(self, step: int, abstract_for_stage: Callable[[int], Any]):
+  def _restore(self, step: int, abstract_for_stage: Callable[[int], Any],
+               partial: bool):
     progress = self._mngr.restore(step, args=ocp.args.Composite(
         progress=ocp.args.JsonRestore())).progress
     target = abstract_for_stage(progress['stage'])
-    state = self._mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target))).state
-    return progress, state
+    if partial:
+      # Only the fields in `target`, as host numpy arrays.
+      restore = ocp.args.PyTreeRestore(
+          item=target, partial_restore=True,
+          restore_args=jax.tree.map(
+              lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target))
+    else:
+      restore = ocp.args.StandardRestore(target)
+    state = self._mngr.restore(step, args=ocp.args.Composite(state=restore))
+    return progress, state.state
 
-  def restore_latest(self, abstract_for_stage: Callable[[int], Any]):
+  def restore_latest(self, abstract_for_stage: Callable[[int], Any],
+                     partial: bool = False):
     """(progress, state) of the newest checkpoint that restores, or None if
     there is no checkpoint. Damaged newer ones are reported and, unless
     read-only, moved aside; CheckpointError if none restores.
 
-    `abstract_for_stage(stage)` gives the restore target's shapes.
+    `abstract_for_stage(stage)` gives the restore target's shapes; with
+    `partial`, a dict of some of the saved state's fields (e.g. only
+    'params'), restored alone as numpy arrays.
     """
     listed = sorted(self._mngr.all_steps(), reverse=True)
     # Step folders Orbax does not list (on object stores it wants their
@@ -164,7 +176,7 @@ class Checkpointer:
                       'ignored.', self.directory, step)
     for step in listed:
       try:
-        progress, state = self._restore(step, abstract_for_stage)
+        progress, state = self._restore(step, abstract_for_stage, partial)
       except Exception as e:  # pylint: disable=broad-except
         # Orbax and tensorstore report a missing or truncated file as
         # ValueError, KeyError, OSError or a JSON error, depending on the
@@ -324,10 +336,11 @@ def load_params(config, workdir: str) -> dict:
       inference.build_networks(config.model), config.data.image_size)
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), 1,
                       read_only=True)
-  restored = ckpt.restore_latest(
-      lambda stage: train_state.abstract_state(params, stage, config))
+  # The parameters alone: inference neither reads the optimizer's state
+  # nor needs optax to know its shape.
+  restored = ckpt.restore_latest(lambda _: {'params': params}, partial=True)
   ckpt.close()
   if restored is None:
     raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints: train '
                             'first (--config.mode=train)')
-  return restored[1].params
+  return restored[1]['params']

@@ -260,3 +260,19 @@ def test_predict_command_survives_bad_frames(trained, tmp_path):
   assert saved['summary'] == {'images': 4, 'ok': saved['summary']['ok'],
                               'defect': 2 - saved['summary']['ok'],
                               'error': 2}
+
+
+def test_inference_modes_import_no_training_code():
+  """Evaluation, predict, benchmark, export and the reports load
+  parameters without optax, the train state or the training loop (a fresh
+  interpreter: this one has imported everything)."""
+  code = ('import sys\n'
+          'from rcae_jax import benchmark, depth_report, evaluate, export, '
+          'fusion_report, predict\n'
+          "print(sorted(m for m in sys.modules if m.split('.')[0] == 'optax'"
+          " or m in ('rcae_jax.train', 'rcae_jax.train_state', "
+          "'rcae_jax.preemption')))")
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                       text=True, env=subprocess_env(), timeout=120,
+                       check=True)
+  assert out.stdout.strip() == '[]', out.stdout
