@@ -8,20 +8,18 @@ each of those error maps on its own (model resolution, channel mean, no
 smoothing). It answers the questions an ablation raises: does a deeper
 recursion separate defects better, does DPN keep the defect residual or
 restore the defect along with the detail, and is CRD using the evidence it
-is given (compare its pixel AUROC in metrics.json with these). Writes
-`<workdir>/depth_report.json` and prints a table.
+is given (compare its pixel AUROC in metrics.json with these). run.py writes
+the report to `<workdir>/depth_report.json` and prints it as a table.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import numpy as np
 
 from rcae_jax import evaluate
-from rcae_jax import fileio
 from rcae_jax import inference
 from rcae_jax import metrics
 
@@ -51,7 +49,7 @@ def summarize(errors: np.ndarray, masks: np.ndarray) -> list[dict]:
   return rows
 
 
-def run_depth_report(params, loader, config, workdir: str) -> dict:
+def make_report(params, loader, config) -> dict:
   nets = inference.build_networks(config.model)
   use_dpn = inference.uses_dpn(config)
   fn = jax.jit(functools.partial(error_maps, nets=nets, use_dpn=use_dpn))
@@ -67,10 +65,6 @@ def run_depth_report(params, loader, config, workdir: str) -> dict:
             'rcae': summarize(rows['rec'].swapaxes(0, 1), masks)}
   if use_dpn:
     report['dpn'] = summarize(rows['det'].swapaxes(0, 1), masks)
-  if jax.process_index() == 0:
-    fileio.write_json_atomic(os.path.join(workdir, 'depth_report.json'),
-                             report)
-  print(format_table(report))
   return report
 
 

@@ -3,8 +3,8 @@
 `--config.mode=fusion_report` loads a trained workdir (all three stages)
 and scores its test set with each candidate map below, at the model's
 resolution (as the learning curves), with the configured image score
-(`eval.image_score`, `eval.smoothing`). Writes
-`<workdir>/fusion_report.json` and prints a table. docs/results.md
+(`eval.image_score`, `eval.smoothing`). run.py writes the report to
+`<workdir>/fusion_report.json` and prints it as a table. docs/results.md
 ("Fusing the CRD and recursion maps") ran it on the three shared
 categories under a selection rule written first.
 
@@ -23,13 +23,10 @@ test label.
 
 from __future__ import annotations
 
-import os
 
-import jax
 import numpy as np
 
 from rcae_jax import evaluate
-from rcae_jax import fileio
 from rcae_jax import geometry
 from rcae_jax import metrics
 
@@ -52,13 +49,18 @@ def candidates(crd, rec, crd_val, rec_val) -> dict:
   return out
 
 
-def split_maps(params, loader, config, scoring: str, split: str):
-  """Maps, labels and model-size masks of `split` under `scoring`."""
+def map_splits(params, loader, config, scoring: str) -> dict:
+  """{split: (maps, labels, model-size masks)} of 'test' and 'val' under
+  `scoring`, through one compiled predict function."""
   cfg = config.copy_and_resolve_references()
   cfg.eval.scoring = scoring
-  maps, _, labels, masks, _ = evaluate.run_predictions(params, loader, cfg,
-                                                       split)
-  return np.asarray(maps), labels, masks
+  predict_fn = evaluate.make_predict_fn(cfg)
+  out = {}
+  for split in ('test', 'val'):
+    maps, _, labels, masks, _ = evaluate.run_predictions(
+        params, loader, cfg, split, predict_fn)
+    out[split] = (np.asarray(maps), labels, masks)
+  return out
 
 
 def valid_pixels(maps, extents) -> np.ndarray:
@@ -79,25 +81,20 @@ def score(maps, labels, masks, extents, eval_cfg) -> dict:
   return row
 
 
-def run_fusion_report(params, loader, config, workdir: str) -> dict:
-  test = {s: split_maps(params, loader, config, s, 'test')
-          for s in ('crd', 'recursion')}
+def make_report(params, loader, config) -> dict:
+  crd, rec = (map_splits(params, loader, config, s)
+              for s in ('crd', 'recursion'))
+  (crd_test, labels, masks), rec_test = crd['test'], rec['test'][0]
   val_extents = loader.extents('val')
-  val = {s: valid_pixels(split_maps(params, loader, config, s, 'val')[0],
-                         val_extents) for s in ('crd', 'recursion')}
-  (crd, labels, masks), (rec, _, _) = test['crd'], test['recursion']
+  crd_val, rec_val = (valid_pixels(m['val'][0], val_extents)
+                      for m in (crd, rec))
   extents = loader.extents('test')
   rows = {name: score(maps, labels, masks, extents, config.eval)
-          for name, maps in candidates(crd, rec, val['crd'],
-                                       val['recursion']).items()}
-  report = {'category': loader.files.category,
-            'num_test_images': int(len(labels)),
-            'num_held_out_images': len(val_extents), 'candidates': rows}
-  if jax.process_index() == 0:
-    fileio.write_json_atomic(os.path.join(workdir, 'fusion_report.json'),
-                             report)
-  print(format_table(report))
-  return report
+          for name, maps in candidates(crd_test, rec_test, crd_val,
+                                       rec_val).items()}
+  return {'category': loader.files.category,
+          'num_test_images': int(len(labels)),
+          'num_held_out_images': len(val_extents), 'candidates': rows}
 
 
 def format_table(report: dict) -> str:

@@ -23,6 +23,10 @@ from rcae_jax.datasets import check
 from rcae_jax.datasets import folder
 
 
+# Modes that load a trained workdir and summarise its test set.
+REPORT_MODES = ('depth_report', 'fusion_report')
+
+
 def prepare(config, workdir: str):
   """Checks the data folder; returns the loader."""
   files = input_pipeline.resolve_files(config.data, seed=config.seed)
@@ -77,20 +81,8 @@ def dispatch(config, workdir: str) -> dict:
     from rcae_jax import export  # pylint: disable=g-import-not-at-top
     return export.run_export(config, workdir)
   loader = prepare(config, workdir)
-  reports = ('depth_report', 'fusion_report')
-  if config.mode in reports and folder.good_only(loader.files):
-    raise folder.DataError(
-        f'{config.mode} needs test images with masks; '
-        f'{os.path.join(loader.files.root, loader.files.category)!r} has no '
-        'test/ folder')
-  if config.mode == 'depth_report':
-    from rcae_jax import depth_report  # pylint: disable=g-import-not-at-top
-    params = jax.device_get(checkpoints.load_params(config, workdir))
-    return depth_report.run_depth_report(params, loader, config, workdir)
-  if config.mode == 'fusion_report':
-    from rcae_jax import fusion_report  # pylint: disable=g-import-not-at-top
-    params = jax.device_get(checkpoints.load_params(config, workdir))
-    return fusion_report.run_fusion_report(params, loader, config, workdir)
+  if config.mode in REPORT_MODES:
+    return write_report(config, workdir, loader)
   if config.mode == 'train':
     # A good-only category has no test set to draw curves from (evaluate
     # says so once, when it skips the test metrics).
@@ -121,6 +113,29 @@ def dispatch(config, workdir: str) -> dict:
                              extra={'training_complete':
                                     checkpoints.training_complete(workdir)})
   writer.close()
+  return report
+
+
+def write_report(config, workdir: str, loader) -> dict:
+  """A REPORT_MODES mode: the trained workdir's test set summed up into
+  <workdir>/<mode>.json and a table on stdout."""
+  if folder.good_only(loader.files):
+    raise folder.DataError(
+        f'{config.mode} needs test images with masks; '
+        f'{os.path.join(loader.files.root, loader.files.category)!r} has no '
+        'test/ folder')
+  # pylint: disable=g-import-not-at-top
+  if config.mode == 'depth_report':
+    from rcae_jax import depth_report as module
+  else:
+    from rcae_jax import fusion_report as module
+  # pylint: enable=g-import-not-at-top
+  params = jax.device_get(checkpoints.load_params(config, workdir))
+  report = module.make_report(params, loader, config)
+  if jax.process_index() == 0:
+    fileio.write_json_atomic(os.path.join(workdir, f'{config.mode}.json'),
+                             report)
+  print(module.format_table(report))
   return report
 
 

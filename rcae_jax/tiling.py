@@ -66,8 +66,8 @@ def from_config(data_cfg) -> Optional[Tiling]:
   Validated settings only (validate.py checks them first)."""
   if not data_cfg.tile_size:
     return None
-  # S, or a square (S, S): validated.
   return Tiling(tile=int(data_cfg.tile_size),
+                # S, or a square (S, S): validated.
                 side=geometry.model_hw(data_cfg)[0],
                 overlap=float(data_cfg.tile_overlap),
                 sampling=data_cfg.tile_sampling)

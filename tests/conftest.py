@@ -108,6 +108,20 @@ def pytest_collection_modifyitems(items):
         break
 
 
+def run_report(trained_workdir, mode: str) -> dict:
+  """Runs a report mode ('depth_report', 'fusion_report') on the trained
+  workdir; checks that <workdir>/<mode>.json holds what it returned."""
+  import json  # pylint: disable=g-import-not-at-top
+  from rcae_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+  config, workdir = trained_workdir
+  config = config.copy_and_resolve_references()
+  config.mode = mode
+  report = run_lib.run(config, workdir)
+  with open(os.path.join(workdir, f'{mode}.json'), encoding='utf-8') as f:
+    assert json.load(f) == json.loads(json.dumps(report))
+  return report
+
+
 @pytest.fixture(scope='session')
 def trained(tmp_path_factory):
   """(config, workdir) of the tiny config trained (all three stages, with

@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
+from conftest import run_report
 from rcae_jax import fusion_report
-from rcae_jax import run as run_lib
 from rcae_jax import validate
 
 
@@ -40,17 +40,12 @@ def test_fusion_report_needs_stage_3(make_config):
 
 
 def test_fusion_report_mode_on_a_trained_workdir(trained):
-  config, workdir = trained
-  config = config.copy_and_resolve_references()
-  config.mode = 'fusion_report'
-  report = run_lib.run(config, workdir)
-  saved = json.load(open(os.path.join(workdir, 'fusion_report.json')))
-  assert saved == json.loads(json.dumps(report))
+  report = run_report(trained, 'fusion_report')
   rows = report['candidates']
   assert {'crd', 'recursion', 'product', 'sum/q0.5', 'sum/z'} <= set(rows)
   # Its CRD row is what evaluation measured (the tiny category's masks are
   # at the model's size, so both resolutions agree).
-  metrics = json.load(open(os.path.join(workdir, 'metrics.json')))
+  metrics = json.load(open(os.path.join(trained[1], 'metrics.json')))
   (measured,) = metrics.values()
   for key in fusion_report.KEYS:
     assert rows['crd'][key] == pytest.approx(measured[key], abs=1e-6), key

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run_report
 from conftest import subprocess_env
 
 from rcae_jax import run as run_lib
@@ -70,12 +71,8 @@ def test_depth_report_summarizes_errors_per_depth():
 
 
 def test_depth_report_mode_on_a_trained_workdir(trained):
-  config, workdir = trained
-  config = config.copy_and_resolve_references()
-  config.mode = 'depth_report'
-  report = run_lib.run(config, workdir)
-  saved = json.load(open(os.path.join(workdir, 'depth_report.json')))
-  assert saved == json.loads(json.dumps(report))
+  report = run_report(trained, 'depth_report')
+  config = trained[0]
   for name in ('rcae', 'dpn'):  # The tiny config trains DPN (stage 2).
     assert [r['depth'] for r in report[name]] == list(
         range(1, config.model.depth + 1))
