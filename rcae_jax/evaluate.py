@@ -441,14 +441,16 @@ def curve_config(config, stage: int):
   return cfg
 
 
-def make_curve_hook(config, loader):
+def make_curve_hook(config, loader, minutes_before: float = 0.0):
   """The `on_eval` hook of train.train_and_checkpoint: test metrics of the
   parameters so far, as `curve/*` scalars against the global step, with
-  the wall time since the hook was made (learning curves; docs/results.md).
+  the wall time since the hook was made plus `minutes_before`, the wall
+  time of the run's last point before a resume (learning curves;
+  docs/results.md).
 
   Model-resolution pixel metrics and no pictures or files, to stay cheap;
   the final evaluation reports the ground-truth-resolution numbers."""
-  t0 = time.time()
+  t0 = time.time() - 60 * minutes_before
   predict_fns = {}
 
   def hook(stage: int, global_step: int, params, writer) -> dict:

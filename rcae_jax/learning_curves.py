@@ -47,6 +47,15 @@ def read_points(workdir: str) -> list[dict]:
   return [rows[s] for s in sorted(rows)]
 
 
+def last_wall_minutes(workdir: str) -> float:
+  """The wall time of the last curve point so far (0 for a new run): where
+  a resumed run's wall-time axis carries on, so a preempted run's curve
+  does not restart at 0. The minutes between that point and the
+  interruption are not counted."""
+  points = read_points(workdir)
+  return float(points[-1]['curve/wall_minutes']) if points else 0.0
+
+
 def _panel(points, x_key: str, xlabel: str, size=(420, 300)) -> Image.Image:
   w, h = size
   left, right, top, bottom = 36, 12, 22, 30

@@ -84,14 +84,16 @@ def dispatch(config, workdir: str) -> dict:
   if config.mode in REPORT_MODES:
     return write_report(config, workdir, loader)
   if config.mode == 'train':
+    from rcae_jax import learning_curves  # pylint: disable=g-import-not-at-top
+    hook = None
     # A good-only category has no test set to draw curves from (evaluate
-    # says so once, when it skips the test metrics).
-    hook = (evaluate.make_curve_hook(config, loader)
-            if config.eval.every_steps and not folder.good_only(loader.files)
-            else None)
+    # says so once, when it skips the test metrics). A resumed run's
+    # wall-time axis carries on from its last point.
+    if config.eval.every_steps and not folder.good_only(loader.files):
+      hook = evaluate.make_curve_hook(
+          config, loader, learning_curves.last_wall_minutes(workdir))
     params = train.train_and_checkpoint(config, workdir, loader, hook)
     if hook is not None and jax.process_index() == 0:
-      from rcae_jax import learning_curves  # pylint: disable=g-import-not-at-top
       logging.info('Learning curves: %s', learning_curves.write(
           workdir, title=loader.files.category))
   else:

@@ -144,6 +144,32 @@ def test_resume_mid_stage_matches_straight_run(make_config, tmp_path):
   assert a == b
 
 
+def test_resumed_learning_curve_carries_on_in_wall_time(make_config,
+                                                         tmp_path):
+  stage1 = lambda steps: make_config(**{
+      'train.stage1.steps': steps, 'train.stage2.steps': 0,
+      'train.stage3.steps': 0, 'eval.scoring': 'recursion',
+      'eval.every_steps': 2})
+  workdir = str(tmp_path / 'wd')
+  run_lib.run(stage1(2), workdir)
+  # The first run's point says it came after 1000 minutes (a long run,
+  # then preempted); the resumed run's point must come later, not restart
+  # at 0 with the new process.
+  path = os.path.join(workdir, 'scalars.jsonl')
+  rows = [json.loads(l) for l in open(path).read().splitlines()]
+  for row in rows:
+    if 'curve/wall_minutes' in row:
+      row['curve/wall_minutes'] = 1000.0
+  with open(path, 'w') as f:
+    f.write(''.join(json.dumps(r) + '\n' for r in rows))
+  run_lib.run(stage1(4), workdir)
+  points = [json.loads(l) for l in open(path).read().splitlines()]
+  walls = {p['step']: p['curve/wall_minutes'] for p in points
+           if 'curve/wall_minutes' in p}
+  assert sorted(walls) == [2, 4]
+  assert 1000.0 < walls[4] < 1010.0
+
+
 def test_multi_category_run_skips_finished_and_writes_mean(make_config,
                                                            tmp_path):
   from rcae_jax.datasets import synthetic  # pylint: disable=g-import-not-at-top
