@@ -33,7 +33,12 @@ augmentation, seed 0) 0.650 / 0.825, AU-PRO 0.472, below the earlier
 real_128 row's pixel AUROC of 0.911. Far below
 the paper's numbers and below the issue-14 targets: 128 px, a 17k-parameter
 RcAE and ~100 stage-1 epochs instead of 1024 px and 1500 epochs
-(configs/tpu.py is the paper-sized setting).
+(configs/tpu.py is the paper-sized setting). On a faster 2-core machine of
+the same kind (2026-12-01) the recipe's steps were calibrated at about
+42 min. There, the plain N = 1 autoencoder given the same compute lost to
+it on KolektorSDD but beat CRD's pixel metrics on capsules (pixel AUROC
+0.953, AU-PRO 0.788; docs/results.md, "The plain N = 1 autoencoder at
+equal compute"): on smooth objects, also try `--config.eval.scoring=recursion`.
 """
 
 import os
