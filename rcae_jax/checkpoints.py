@@ -171,7 +171,7 @@ class Checkpointer:
     # commit marker, which a half-synced copy may lack) are damaged too.
     failed = [(s, FileNotFoundError('not a finished Orbax checkpoint'))
               for s in complete_steps(self.directory) if s not in listed]
-    for step, e in failed:
+    for step, _ in failed:
       logging.warning('Checkpoint folder %s/%d is not a finished checkpoint; '
                       'ignored.', self.directory, step)
     for step in listed:

@@ -23,7 +23,6 @@ test label.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from rcae_jax import evaluate

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from rcae_jax import inference
+from rcae_jax import learning_curves
 from rcae_jax import run as run_lib
 from rcae_jax import train
 from rcae_jax import train_state
@@ -163,9 +164,8 @@ def test_resumed_learning_curve_carries_on_in_wall_time(make_config,
   with open(path, 'w') as f:
     f.write(''.join(json.dumps(r) + '\n' for r in rows))
   run_lib.run(stage1(4), workdir)
-  points = [json.loads(l) for l in open(path).read().splitlines()]
-  walls = {p['step']: p['curve/wall_minutes'] for p in points
-           if 'curve/wall_minutes' in p}
+  walls = {p['step']: p['curve/wall_minutes']
+           for p in learning_curves.read_points(workdir)}
   assert sorted(walls) == [2, 4]
   assert 1000.0 < walls[4] < 1010.0
 
