@@ -1,4 +1,4 @@
-"""Inference benchmark of the paper-sized RcAE (rcae_jax/benchmark.py).
+"""Inference benchmark of the paper-sized RcAE (rcae_jax/tools/benchmark.py).
 
 Command (from the repository root):
 
@@ -14,7 +14,7 @@ given (the model fields must then match that run's config). No data is
 read and nothing is trained; TensorFlow is not needed.
 
 Hardware: one GPU / TPU (runs on CPU too, slowly). Analytic cost
-(rcae_jax/flops.py): 657 GFLOP per 256^2 image, 10.5 TFLOP per 1024^2
+(rcae_jax/model/flops.py): 657 GFLOP per 256^2 image, 10.5 TFLOP per 1024^2
 image. Expected speed, not yet measured with this config: docs/DESIGN.md
 reports a similar but smaller network (4.5 M parameters, ~536 GFLOP per
 256^2 image) at 5.7 ms per image at batch 1 in bfloat16 and ~400 images/s
@@ -46,7 +46,7 @@ import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 def get_config() -> ml_collections.ConfigDict:
   config = default.get_config()
 
-  # What main does: time the inference function (rcae_jax/benchmark.py).
+  # What main does: time the inference function (rcae_jax/tools/benchmark.py).
   config.mode = 'benchmark'
 
   # The paper-sized model used for the GPU numbers.

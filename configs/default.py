@@ -15,7 +15,7 @@ Every field is commented. Override any of them on the command line, e.g.
 
 import ml_collections
 
-from rcae_jax import anomalies
+from rcae_jax.training import anomalies
 
 
 def _stage(steps: int, batch_size: int) -> ml_collections.ConfigDict:
@@ -34,9 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
   # as StableHLO for serving without this code; ours), 'benchmark'
   # (inference latency), 'depth_report'
   # (per-depth reconstruction errors on defects vs elsewhere, before and
-  # after DPN: rcae_jax/depth_report.py) or 'fusion_report' (test metrics
+  # after DPN: rcae_jax/tools/depth_report.py) or 'fusion_report' (test metrics
   # of CRD's map, the recursion map and fusions of the two:
-  # rcae_jax/fusion_report.py).
+  # rcae_jax/tools/fusion_report.py).
   config.mode = 'train'
   # Seed for parameters, batch order, depth sampling and pseudo-anomalies.
   config.seed = 0
@@ -78,13 +78,13 @@ def get_config() -> ml_collections.ConfigDict:
   # --config.data.image_size='(128,320)' for long parts. Declared with
   # type object so the command line may give either.
   data.image_size = ml_collections.FieldReference(64, field_type=object)
-  # (ours) How each image becomes (H, W) (rcae_jax/geometry.py): 'squash'
+  # (ours) How each image becomes (H, W) (rcae_jax/data/geometry.py): 'squash'
   # (resized to it, aspect ratio lost, the original behaviour) or
   # 'keep_aspect' (scaled to fit inside it, edge-padded; maps are cropped
   # back to the image and the padding counts in no metric or score).
   data.resize = 'squash'
   # (ours) Tiling for images much larger than the model, whose defects a
-  # resize to image_size would erase (rcae_jax/tiling.py; README, "High-
+  # resize to image_size would erase (rcae_jax/data/tiling.py; README, "High-
   # resolution images: tiling"). 0 = off. T > 0: each image is scaled by
   # image_size / T (not at all when T = image_size: native pixels) and cut
   # into image_size x image_size tiles; training draws tiles, inference
@@ -142,7 +142,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.dpn_width = 8
   # Base width of the Cross Recursion Detection network (4-level 3D AE).
   model.crd_width = 4
-  # Standardise CRD's inputs per image (ours; rcae_jax/models.py CRD).
+  # Standardise CRD's inputs per image (ours; rcae_jax/model/models.py CRD).
   model.crd_normalize = False
   # How many recursion steps CRD sees (the paper's 1/3/5 ablation); 0 = all N.
   model.crd_steps = 0
@@ -202,7 +202,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 0 = every device JAX sees; n = the first n (e.g. 1 to debug).
   config.mesh.num_devices = 0
 
-  # One run per workdir (ours; rcae_jax/workdir_lock.py): train, evaluate
+  # One run per workdir (ours; rcae_jax/common/workdir_lock.py): train, evaluate
   # and depth_report hold <workdir>/RUN_LOCK.json, so a second run on the
   # same workdir refuses with one line naming the first.
   config.workdir_lock = ml_collections.ConfigDict()
@@ -217,7 +217,7 @@ def get_config() -> ml_collections.ConfigDict:
   # that a run which stopped renewing its lock is really gone.
   config.workdir_lock.take_over = False
 
-  # Pseudo-anomaly synthesis for stage 3 (see rcae_jax/anomalies.py).
+  # Pseudo-anomaly synthesis for stage 3 (see rcae_jax/training/anomalies.py).
   config.anomalies = anomalies.default_config()
 
   # ---------------------------------------------------------------- eval
@@ -268,7 +268,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Output folder ('' = <workdir>/predictions): <name>.tiff maps at each
   # image's own size, <name>.overlay.png, predictions.csv / .json, where
   # <name> is the input's path relative to the folder given (ours;
-  # rcae_jax/predict_inputs.py).
+  # rcae_jax/serving/predict_inputs.py).
   pr.output = ''
   # Append finished rows to predictions.csv, and log progress with an ETA,
   # at most every this many seconds (ours): what an interrupted run can
@@ -284,7 +284,7 @@ def get_config() -> ml_collections.ConfigDict:
   ex.platforms = ()
 
   # ----------------------------------------------------------- benchmark
-  # mode='benchmark' (rcae_jax/benchmark.py, configs/benchmark.py; ours).
+  # mode='benchmark' (rcae_jax/tools/benchmark.py, configs/benchmark.py; ours).
   config.benchmark = bench = ml_collections.ConfigDict()
   # Square input sizes to time (each divisible by 2**max(model.depth, 4)).
   bench.image_sizes = (256, 1024)

@@ -15,12 +15,12 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from rcae_jax import checkpoints
-from rcae_jax import fileio
 from rcae_jax import run as run_lib
 from rcae_jax import validate
-from rcae_jax import workdir_lock
-from rcae_jax.datasets import folder
+from rcae_jax.common import checkpoints
+from rcae_jax.common import fileio
+from rcae_jax.common import workdir_lock
+from rcae_jax.data import folder
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs, metrics.')
@@ -75,7 +75,7 @@ def main(argv):
   if FLAGS.config.mode == 'predict' and report['summary']['error']:
     # Every readable image is scored and reported; the status says that
     # some were not, and the last line of stderr says which.
-    from rcae_jax import predict  # pylint: disable=g-import-not-at-top
+    from rcae_jax.serving import predict  # pylint: disable=g-import-not-at-top
     print(f'rcae_jax: {report["message"]}', file=sys.stderr)
     sys.exit(predict.PARTIAL_FAILURE_EXIT)
 

@@ -9,18 +9,19 @@ import os
 import jax
 import numpy as np
 
-from rcae_jax import checkpoints
-from rcae_jax import evaluate
-from rcae_jax import fileio
-from rcae_jax import flops
-from rcae_jax import geometry
-from rcae_jax import input_pipeline
-from rcae_jax import train
 from rcae_jax import validate
-from rcae_jax import workdir_lock
-from rcae_jax import writers
-from rcae_jax.datasets import check
-from rcae_jax.datasets import folder
+from rcae_jax.common import checkpoints
+from rcae_jax.common import fileio
+from rcae_jax.common import workdir_lock
+from rcae_jax.common import writers
+from rcae_jax.data import check
+from rcae_jax.data import folder
+from rcae_jax.data import geometry
+from rcae_jax.data import input_pipeline
+from rcae_jax.evaluation import evaluate
+from rcae_jax.model import flops
+from rcae_jax.serving import params as params_lib
+from rcae_jax.training import train
 
 
 # Modes that load a trained workdir and summarise its test set.
@@ -72,19 +73,19 @@ def dispatch(config, workdir: str) -> dict:
   if config.data.categories and config.mode in ('train', 'evaluate'):
     return run_categories(config, workdir)
   if config.mode == 'benchmark':
-    from rcae_jax import benchmark  # pylint: disable=g-import-not-at-top
+    from rcae_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
     return benchmark.run_benchmark(config, workdir)
   if config.mode == 'predict':
-    from rcae_jax import predict  # pylint: disable=g-import-not-at-top
+    from rcae_jax.serving import predict  # pylint: disable=g-import-not-at-top
     return predict.predict_files(config, workdir)
   if config.mode == 'export':
-    from rcae_jax import export  # pylint: disable=g-import-not-at-top
+    from rcae_jax.serving import export  # pylint: disable=g-import-not-at-top
     return export.run_export(config, workdir)
   loader = prepare(config, workdir)
   if config.mode in REPORT_MODES:
     return write_report(config, workdir, loader)
   if config.mode == 'train':
-    from rcae_jax import learning_curves  # pylint: disable=g-import-not-at-top
+    from rcae_jax.evaluation import learning_curves  # pylint: disable=g-import-not-at-top
     hook = None
     # A good-only category has no test set to draw curves from (evaluate
     # says so once, when it skips the test metrics). A resumed run's
@@ -101,7 +102,7 @@ def dispatch(config, workdir: str) -> dict:
       logging.warning('%s: training is not finished (no TRAINING_COMPLETE '
                       'marker); evaluating its latest checkpoint, and '
                       'metrics.json says training_complete=false', workdir)
-    params = checkpoints.load_params(config, workdir)
+    params = params_lib.load_params(config, workdir)
   # Evaluation runs the same program on every process over the whole test
   # set, each on its own device, from a host copy of the replicated params.
   params = jax.device_get(params)
@@ -128,11 +129,11 @@ def write_report(config, workdir: str, loader) -> dict:
         'test/ folder')
   # pylint: disable=g-import-not-at-top
   if config.mode == 'depth_report':
-    from rcae_jax import depth_report as module
+    from rcae_jax.tools import depth_report as module
   else:
-    from rcae_jax import fusion_report as module
+    from rcae_jax.tools import fusion_report as module
   # pylint: enable=g-import-not-at-top
-  params = jax.device_get(checkpoints.load_params(config, workdir))
+  params = jax.device_get(params_lib.load_params(config, workdir))
   report = module.make_report(params, loader, config)
   if jax.process_index() == 0:
     fileio.write_json_atomic(os.path.join(workdir, f'{config.mode}.json'),

@@ -6,6 +6,9 @@ the field, not minutes later as a traceback from inside XLA or tf.data.
 
 from __future__ import annotations
 
+from rcae_jax.common import errors
+from rcae_jax.evaluation import scoring
+
 
 MODES = ('train', 'evaluate', 'predict', 'export', 'benchmark',
          'depth_report', 'fusion_report')
@@ -13,8 +16,8 @@ MODES = ('train', 'evaluate', 'predict', 'export', 'benchmark',
 EXPORT_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
 
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the field."""
+# Re-exported: main and callers catch validate.ConfigError.
+ConfigError = errors.ConfigError
 
 
 def _choice(value, name, options):
@@ -22,20 +25,8 @@ def _choice(value, name, options):
     raise ConfigError(f'config.{name} must be one of {options}, got {value!r}')
 
 
-def check_scoring(config) -> None:
-  """CRD maps need a trained CRD (stage 3)."""
-  if config.eval.scoring == 'crd' and config.train.stage3.steps == 0:
-    raise ConfigError("config.eval.scoring='crd' needs stage 3: set "
-                      "config.train.stage3.steps > 0 or "
-                      "config.eval.scoring='recursion'")
-  if config.mode == 'fusion_report' and config.train.stage3.steps == 0:
-    raise ConfigError("config.mode='fusion_report' compares CRD's map with "
-                      'the recursion map and needs stage 3: set '
-                      'config.train.stage3.steps > 0')
-
-
 def check_tiling(config, height: int, width: int) -> None:
-  """data.tile_size / tile_overlap / tile_sampling (rcae_jax/tiling.py)."""
+  """data.tile_size / tile_overlap / tile_sampling (rcae_jax/data/tiling.py)."""
   d = config.data
   size = d.tile_size
   if (not isinstance(size, int) or isinstance(size, bool) or size < 0):
@@ -98,7 +89,7 @@ def validate(config) -> None:
   # DPN / CRD U-Nets have 4 levels; the recursion halves `levels_in_use`
   # times.
   factor = 2 ** max(levels_in_use, 4)
-  from rcae_jax import geometry  # pylint: disable=g-import-not-at-top
+  from rcae_jax.data import geometry  # pylint: disable=g-import-not-at-top
   _choice(d.resize, 'data.resize', geometry.RESIZE_MODES)
   height, width = geometry.as_hw(d.image_size)
   if height % factor or width % factor or min(height, width) < 1:
@@ -137,7 +128,7 @@ def validate(config) -> None:
   if t.stage1.steps == 0 and config.mode == 'train':
     raise ConfigError('config.train.stage1.steps must be > 0: every later '
                       'stage builds on the recursive autoencoder')
-  check_scoring(config)
+  scoring.check_scoring(config)
   if config.mode == 'predict' and not config.predict.inputs:
     raise ConfigError("config.mode='predict' needs config.predict.inputs (a "
                       'folder or comma-separated image files)')

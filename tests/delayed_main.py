@@ -11,7 +11,7 @@ import runpy
 import sys
 import time
 
-from rcae_jax import input_pipeline
+from rcae_jax.data import input_pipeline
 
 DELAY = float(os.environ.get('RCAE_TEST_STEP_DELAY', '0'))
 _make_loader = input_pipeline.make_loader

@@ -1,4 +1,4 @@
-"""Tests for rcae_jax.anomalies (pseudo-anomaly synthesis)."""
+"""Tests for rcae_jax.training.anomalies (pseudo-anomaly synthesis)."""
 
 import jax
 import ml_collections
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rcae_jax import anomalies
+from rcae_jax.training import anomalies
 
 B = 8
 SHAPES = [(32, 32), (24, 40)]

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rcae_jax import evaluate
-from rcae_jax import geometry
-from rcae_jax import input_pipeline
 from rcae_jax import run as run_lib
 from rcae_jax import validate
-from rcae_jax.datasets import folder
+from rcae_jax.data import folder
+from rcae_jax.data import geometry
+from rcae_jax.data import input_pipeline
+from rcae_jax.evaluation import evaluate
 
 # A long part, 3:1 like a strip on a line camera; the model input is 1:2,
 # so 'keep_aspect' pads 11 of its 32 rows.

@@ -17,11 +17,11 @@ from PIL import Image
 import pytest
 
 from conftest import tiny_config
-from rcae_jax import evaluate
 from rcae_jax import run as run_lib
 from rcae_jax import validate
-from rcae_jax.datasets import decode
-from rcae_jax.datasets import folder
+from rcae_jax.data import decode
+from rcae_jax.data import folder
+from rcae_jax.evaluation import evaluate
 
 SIZE = 32  # configs/smoke.py's image_size.
 

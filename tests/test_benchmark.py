@@ -1,4 +1,4 @@
-"""Tests for rcae_jax.flops, rcae_jax.benchmark and configs/benchmark.py."""
+"""Tests for rcae_jax.model.flops, rcae_jax.tools.benchmark and configs/benchmark.py."""
 
 import functools
 import json
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from rcae_jax import benchmark
-from rcae_jax import flops
-from rcae_jax import inference
+from rcae_jax.model import flops
+from rcae_jax.model import inference
+from rcae_jax.tools import benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,7 +158,9 @@ def test_run_benchmark_tiny_without_tensorflow(tmp_path):
 import sys
 sys.path.insert(0, 'tests')
 import test_benchmark
-from rcae_jax import benchmark, export, flops
+from rcae_jax.model import flops
+from rcae_jax.serving import export
+from rcae_jax.tools import benchmark
 benchmark.run_benchmark(test_benchmark.tiny_config(), {str(tmp_path)!r})
 bad = [n for n in sys.modules if n.split('.')[0] in
        ('tensorflow', 'clu', 'tensorflow_datasets', 'tensorboard')]

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from rcae_jax.datasets import check, folder
+from rcae_jax.data import check, folder
 
 
 def _save(path, array, **kwargs):

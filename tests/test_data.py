@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rcae_jax import input_pipeline
-from rcae_jax.datasets import decode, folder, synthetic
+from rcae_jax.data import decode, folder, synthetic
+from rcae_jax.data import input_pipeline
 
 
 @pytest.fixture(scope='module')

@@ -1,4 +1,4 @@
-"""Tests for rcae_jax.export (StableHLO artefact with a symbolic batch)."""
+"""Tests for rcae_jax.serving.export (StableHLO artefact with a symbolic batch)."""
 
 import os
 import shutil
@@ -12,9 +12,9 @@ import pytest
 from conftest import load_config
 from conftest import subprocess_env
 import test_no_tensorflow
-from rcae_jax import benchmark
-from rcae_jax import evaluate
-from rcae_jax import export
+from rcae_jax.evaluation import evaluate
+from rcae_jax.serving import export
+from rcae_jax.tools import benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
@@ -77,11 +77,11 @@ class _Block:
   def find_spec(self, name, path=None, target=None):
     if name.split('.')[0] in ('flax', 'tensorflow', 'clu', 'optax',
                               'ml_collections') or name in (
-        'rcae_jax.models', 'rcae_jax.train', 'rcae_jax.evaluate'):
+        'rcae_jax.model.models', 'rcae_jax.training.train', 'rcae_jax.evaluation.evaluate'):
       raise ModuleNotFoundError('blocked for this test: ' + name)
 sys.meta_path.insert(0, _Block())
 import numpy as np
-from rcae_jax import export
+from rcae_jax.serving import export
 io = np.load({str(tmp_path / 'io.npz')!r})
 predict = export.load_predict({path!r})
 for b in (1, 3):

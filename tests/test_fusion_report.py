@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import run_report
-from rcae_jax import fusion_report
 from rcae_jax import validate
+from rcae_jax.tools import fusion_report
 
 
 def test_normalised_fusions_do_not_care_about_either_maps_scale():

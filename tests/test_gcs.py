@@ -25,15 +25,15 @@ from etils.epath import backend as epath_backend
 from etils.epath import gpath
 
 from conftest import tiny_config
-from rcae_jax import checkpoints
-from rcae_jax import export_maps
-from rcae_jax import fileio
-from rcae_jax import input_pipeline
 from rcae_jax import run as run_lib
-from rcae_jax import workdir_lock
-from rcae_jax import writers
-from rcae_jax.datasets import decode
-from rcae_jax.datasets import folder
+from rcae_jax.common import checkpoints
+from rcae_jax.common import fileio
+from rcae_jax.common import workdir_lock
+from rcae_jax.common import writers
+from rcae_jax.data import decode
+from rcae_jax.data import folder
+from rcae_jax.data import input_pipeline
+from rcae_jax.evaluation import export_maps
 
 
 class FakeGcs(epath_backend._OsPathBackend):  # pylint: disable=protected-access

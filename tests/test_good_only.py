@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from rcae_jax import run as run_lib
-from rcae_jax.datasets import folder, synthetic
+from rcae_jax.data import folder, synthetic
 
 
 def _good_only_root(tmp_path, n=10, size=32):

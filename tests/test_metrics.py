@@ -1,11 +1,11 @@
-"""Tests for rcae_jax.metrics."""
+"""Tests for rcae_jax.evaluation.metrics."""
 
 import numpy as np
 import pytest
 import scipy.ndimage
 from sklearn import metrics as skm
 
-from rcae_jax import metrics
+from rcae_jax.evaluation import metrics
 
 
 # ---------------------------------------------------------------------------

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rcae_jax import models
-from rcae_jax import train
+from rcae_jax.model import models
+from rcae_jax.training import train
 
 
 def unoptimised(fn):

@@ -50,9 +50,9 @@ def checksums(log: str) -> list[str]:
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_two_devices(tmp_path,
                                                           monkeypatch):
-  from rcae_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from rcae_jax import run as run_lib  # pylint: disable=g-import-not-at-top
-  from rcae_jax.datasets import synthetic  # pylint: disable=g-import-not-at-top
+  from rcae_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from rcae_jax.serving import params as params_lib  # pylint: disable=g-import-not-at-top
   # The data first, here: the two processes then find it in their cache
   # instead of both generating it.
   monkeypatch.setenv('RCAE_JAX_CACHE', str(tmp_path / 'cache'))
@@ -71,7 +71,7 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path,
   # fake devices, the same data.
   config = tiny_config(**SINGLE_OVERRIDES)
   one = run_lib.run(config, str(tmp_path / 'single'))['synthetic']
-  ref = run_lib.checksum(checkpoints.load_params(config,
+  ref = run_lib.checksum(params_lib.load_params(config,
                                                  str(tmp_path / 'single')))
   sums = [checksums(log) for log in logs]
   assert sums[0] and sums[0] == sums[1]

@@ -17,11 +17,11 @@ from PIL import Image
 import pytest
 
 from conftest import tiny_config
-from rcae_jax import evaluate
-from rcae_jax import input_pipeline
-from rcae_jax import losses
 from rcae_jax import run as run_lib
-from rcae_jax.datasets import folder
+from rcae_jax.data import folder
+from rcae_jax.data import input_pipeline
+from rcae_jax.evaluation import evaluate
+from rcae_jax.model import losses
 
 # x, one 2 x 3 single-channel image:  0 1 3
 #                                     2 4 7

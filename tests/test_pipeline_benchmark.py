@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from rcae_jax import pipeline_benchmark
-from rcae_jax.datasets import synthetic
+from rcae_jax.data import synthetic
+from rcae_jax.tools import pipeline_benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--synthetic_train', '6', '--synthetic_size', '32']
@@ -36,7 +36,7 @@ def test_both_loaders_print_and_write_json(tmp_path):
   out = tmp_path / 'bench.json'
   env = dict(os.environ, PYTHONPATH=REPO)
   proc = subprocess.run(
-      [sys.executable, '-m', 'rcae_jax.pipeline_benchmark', '--sizes', '32',
+      [sys.executable, '-m', 'rcae_jax.tools.pipeline_benchmark', '--sizes', '32',
        '--batch', '4', '--steps', '2', '--loader', 'both',
        '--augment', 'hflip,rot90', '--json', str(out)] + TINY,
       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)

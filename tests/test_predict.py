@@ -14,7 +14,7 @@ from conftest import run_report
 from conftest import subprocess_env
 
 from rcae_jax import run as run_lib
-from rcae_jax.datasets import folder
+from rcae_jax.data import folder
 from test_no_tensorflow import BLOCKING_RUNNER
 
 
@@ -57,7 +57,7 @@ def test_predict_rejects_missing_input(trained, tmp_path):
 
 
 def test_depth_report_summarizes_errors_per_depth():
-  from rcae_jax import depth_report  # pylint: disable=g-import-not-at-top
+  from rcae_jax.tools import depth_report  # pylint: disable=g-import-not-at-top
   masks = np.zeros((2, 4, 4), bool)
   masks[0, :2, :2] = True
   errors = np.stack([np.where(masks, 0.5, 0.1),      # depth 1 separates
@@ -80,8 +80,8 @@ def test_depth_report_mode_on_a_trained_workdir(trained):
 
 
 def test_recursion_error_map_combines_depths():
-  from rcae_jax import evaluate  # pylint: disable=g-import-not-at-top
   from rcae_jax import validate  # pylint: disable=g-import-not-at-top
+  from rcae_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
   import conftest  # pylint: disable=g-import-not-at-top
   x = np.zeros((1, 2, 2, 3), np.float32)
   # Depth 1 errs by 0.3 at pixel (0, 0), depth 2 by 0.1 everywhere.
@@ -115,7 +115,7 @@ def _truncated_png(path):
 
 
 def test_output_names_keep_relative_paths(tmp_path):
-  from rcae_jax import predict_inputs  # pylint: disable=g-import-not-at-top
+  from rcae_jax.serving import predict_inputs  # pylint: disable=g-import-not-at-top
   root = tmp_path / 'cam'
   for rel in ('line1/001.png', 'line2/001.png', '001.png', '001.jpg',
               '.tmp.png', 'out/old.png'):
@@ -139,7 +139,7 @@ def test_output_names_keep_relative_paths(tmp_path):
 
 
 def test_progress_line_gives_rate_and_eta():
-  from rcae_jax import predict  # pylint: disable=g-import-not-at-top
+  from rcae_jax.serving import predict  # pylint: disable=g-import-not-at-top
   assert predict.progress_line(0, 10, 0, 0.0) == (
       'Predicted 0/10 images (0 errors)')
   assert predict.progress_line(1200, 100000, 3, 60.0) == (
@@ -149,7 +149,7 @@ def test_progress_line_gives_rate_and_eta():
 
 
 def test_report_appends_resumes_and_refuses_another_model(tmp_path):
-  from rcae_jax import predict_report  # pylint: disable=g-import-not-at-top
+  from rcae_jax.serving import predict_report  # pylint: disable=g-import-not-at-top
   path = str(tmp_path / 'predictions.csv')
   report = predict_report.Report(path, threshold=0.5)
   report.append([{'file': '/a.png', 'name': 'a.png', 'decision': 'OK',
@@ -175,7 +175,7 @@ def test_report_appends_resumes_and_refuses_another_model(tmp_path):
 @pytest.mark.slow
 def test_interrupted_predict_keeps_rows_and_rerun_skips_them(
     trained, tmp_path, monkeypatch):
-  from rcae_jax import predict  # pylint: disable=g-import-not-at-top
+  from rcae_jax.serving import predict  # pylint: disable=g-import-not-at-top
   config, workdir = trained
   for i in range(4):
     _save(str(tmp_path / 'in' / f'a{i}.png'), (20, 30, 3), seed=i)
@@ -267,8 +267,8 @@ def test_inference_modes_import_no_training_code():
           'from rcae_jax import benchmark, depth_report, evaluate, export, '
           'fusion_report, predict\n'
           "print(sorted(m for m in sys.modules if m.split('.')[0] == 'optax'"
-          " or m in ('rcae_jax.train', 'rcae_jax.train_state', "
-          "'rcae_jax.preemption')))")
+          " or m in ('rcae_jax.training.train', 'rcae_jax.training.train_state', "
+          "'rcae_jax.training.preemption')))")
   out = subprocess.run([sys.executable, '-c', code], capture_output=True,
                        text=True, env=subprocess_env(), timeout=120,
                        check=True)

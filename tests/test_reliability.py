@@ -21,17 +21,18 @@ import numpy as np
 import pytest
 
 from conftest import subprocess_env
-from rcae_jax import checkpoints
-from rcae_jax import fileio
-from rcae_jax import inference
-from rcae_jax import nonfinite
-from rcae_jax import preemption
 from rcae_jax import run as run_lib
-from rcae_jax import train
-from rcae_jax import train_state
 from rcae_jax import validate
-from rcae_jax import workdir_lock
-from rcae_jax import writers
+from rcae_jax.common import checkpoints
+from rcae_jax.common import fileio
+from rcae_jax.common import workdir_lock
+from rcae_jax.common import writers
+from rcae_jax.model import inference
+from rcae_jax.serving import params as params_lib
+from rcae_jax.training import nonfinite
+from rcae_jax.training import preemption
+from rcae_jax.training import train
+from rcae_jax.training import train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8  # Stage 1 only: the smallest run that evaluates.
@@ -140,8 +141,8 @@ def reference(env):
 
 def assert_same_run(a, b):
   config = subprocess_config()
-  pa = checkpoints.load_params(config, str(a))
-  pb = checkpoints.load_params(config, str(b))
+  pa = params_lib.load_params(config, str(a))
+  pb = params_lib.load_params(config, str(b))
   same = jax.tree.map(lambda x, y: np.array_equal(np.asarray(x),
                                                   np.asarray(y)), pa, pb)
   assert jax.tree.all(same), 'parameters differ'
@@ -206,7 +207,7 @@ def test_changed_model_is_refused_harmless_changes_are_not(env, reference,
   assert 'model.depth: 2 -> 3' in message
   assert 'train.' not in message
   with pytest.raises(validate.ConfigError, match='model.width: 4 -> 8'):
-    checkpoints.load_params(changed, str(workdir))  # Evaluate mode too.
+    params_lib.load_params(changed, str(workdir))  # Evaluate mode too.
 
 
 def test_checkpoint_torn_mid_write_is_ignored(env, reference, tmp_path):
@@ -220,8 +221,8 @@ def test_checkpoint_torn_mid_write_is_ignored(env, reference, tmp_path):
   shutil.copytree(workdir / 'checkpoints' / str(last), torn)
   shutil.rmtree(torn / 'state')  # Half written.
   config = subprocess_config()
-  params = checkpoints.load_params(config, str(workdir))  # Read-only restore.
-  expected = checkpoints.load_params(config, str(straight))
+  params = params_lib.load_params(config, str(workdir))  # Read-only restore.
+  expected = params_lib.load_params(config, str(straight))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-6),
                params, expected)
@@ -293,7 +294,7 @@ def test_nonfinite_step_stops_without_saving_then_skip_mode_finishes(
                      match=f'stage 1 \\(rcae\\) at step {NAN_STEP}'):
     train.train_and_checkpoint(config, workdir, loader)
   assert saved_steps(workdir)[-1] == NAN_STEP - 1  # The last good one.
-  assert all_finite(checkpoints.load_params(config, workdir))
+  assert all_finite(params_lib.load_params(config, workdir))
   assert not checkpoints.training_complete(workdir)
 
   config.train.skip_nonfinite = True  # Resumes at step 3, skips step 4.
@@ -667,7 +668,7 @@ def test_real_full_disk_stops_in_one_line_and_the_rerun_resumes(env,
   full = out / 'after_full'
   kept = saved_steps(full)[-1]
   assert 2 <= kept < STEPS, first[-3000:]
-  checkpoints.load_params(subprocess_config(), str(full))
+  params_lib.load_params(subprocess_config(), str(full))
   json.loads((full / 'config.json').read_text())
   for line in (full / 'scalars.jsonl').read_text().splitlines()[:-1]:
     json.loads(line)  # (Its last line may be torn: repaired on resume.)
@@ -698,7 +699,7 @@ MARGINS = {'pixel_auroc': 0.25, 'au_pro': 0.2, 'pixel_ap': 0.05}
 
 def noise_metrics(config, workdir, seeds=range(5)) -> dict:
   """The best of several uniform-noise maps on the test set, per metric."""
-  from rcae_jax import metrics  # pylint: disable=g-import-not-at-top
+  from rcae_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
   loader = run_lib.prepare(config, str(workdir))
   labels = np.array([e.label for e in loader.files.test])
   masks = loader.full_masks()

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rcae_jax import inference
-from rcae_jax import sharding
-from rcae_jax import train
+from rcae_jax.model import inference
+from rcae_jax.training import sharding
+from rcae_jax.training import train
 
 
 def fixed_batch(b=8, size=32):
@@ -52,7 +52,7 @@ def test_indivisible_batch_is_a_clear_error(make_config):
 
 @pytest.mark.slow
 def test_scaling_benchmark_reports_each_device_count(tmp_path):
-  from rcae_jax import scaling_benchmark  # pylint: disable=g-import-not-at-top
+  from rcae_jax.tools import scaling_benchmark  # pylint: disable=g-import-not-at-top
   out = tmp_path / 'scaling.json'
   report = scaling_benchmark.main(
       ['--devices', '1,2', '--steps', '1', '--batch', '4', '--image_size',

@@ -10,7 +10,7 @@ import pytest  # pylint: disable=g-import-not-at-top
 
 tfds = pytest.importorskip('tensorflow_datasets')
 
-from rcae_jax.datasets import folder, mvtec_tfds  # pylint: disable=g-import-not-at-top
+from rcae_jax.data import folder, mvtec_tfds  # pylint: disable=g-import-not-at-top
 
 
 def _save(path, array):

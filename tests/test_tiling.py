@@ -16,14 +16,14 @@ from PIL import Image
 
 from conftest import subprocess_env
 
-from rcae_jax import evaluate
-from rcae_jax import inference
-from rcae_jax import input_pipeline
 from rcae_jax import run as run_lib
-from rcae_jax import tiling
-from rcae_jax import train
 from rcae_jax import validate
-from rcae_jax.datasets import folder
+from rcae_jax.data import folder
+from rcae_jax.data import input_pipeline
+from rcae_jax.data import tiling
+from rcae_jax.evaluation import evaluate
+from rcae_jax.model import inference
+from rcae_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DARK, BRIGHT = 40, 220

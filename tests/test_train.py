@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rcae_jax import inference
-from rcae_jax import learning_curves
 from rcae_jax import run as run_lib
-from rcae_jax import train
-from rcae_jax import train_state
+from rcae_jax.evaluation import learning_curves
+from rcae_jax.model import inference
+from rcae_jax.training import train
+from rcae_jax.training import train_state
 
 
 def fixed_batch(seed=0, size=32, b=4):
@@ -172,7 +172,7 @@ def test_resumed_learning_curve_carries_on_in_wall_time(make_config,
 
 def test_multi_category_run_skips_finished_and_writes_mean(make_config,
                                                            tmp_path):
-  from rcae_jax.datasets import synthetic  # pylint: disable=g-import-not-at-top
+  from rcae_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   config = make_config(**{'train.stage1.steps': 2, 'train.stage2.steps': 0,
                           'train.stage3.steps': 0,
                           'eval.scoring': 'recursion',

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from rcae_jax.datasets import decode, folder, visa
+from rcae_jax.data import decode, folder, visa
 
 HEADER = 'object,split,label,image,mask\n'
 

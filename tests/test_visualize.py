@@ -1,4 +1,4 @@
-"""Tests for rcae_jax.visualize and rcae_jax.export_maps."""
+"""Tests for rcae_jax.evaluation.visualize and rcae_jax.evaluation.export_maps."""
 
 import os
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rcae_jax import export_maps
-from rcae_jax import visualize
-from rcae_jax.datasets import folder
+from rcae_jax.data import folder
+from rcae_jax.evaluation import export_maps
+from rcae_jax.evaluation import visualize
 
 
 def _all_files(root):

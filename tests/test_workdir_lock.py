@@ -14,9 +14,9 @@ import tensorstore as ts
 
 from conftest import REPO
 from conftest import subprocess_env
-from rcae_jax import checkpoints
-from rcae_jax import workdir_lock
-from rcae_jax.workdir_lock import LOCK_NAME
+from rcae_jax.common import checkpoints
+from rcae_jax.common import workdir_lock
+from rcae_jax.common.workdir_lock import LOCK_NAME
 
 
 def lock_cfg(**overrides):

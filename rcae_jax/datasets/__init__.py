@@ -1,1 +1,0 @@
-"""Data sources: MVTec-layout folder discovery, decoding, the built-in category."""
