@@ -19,6 +19,8 @@ from rcae_jax.data import folder
 from rcae_jax.data import geometry
 from rcae_jax.data import input_pipeline
 from rcae_jax.evaluation import evaluate
+from rcae_jax.evaluation import report as report_lib
+from rcae_jax.evaluation import curve_hook
 from rcae_jax.model import flops
 from rcae_jax.serving import params as params_lib
 from rcae_jax.training import train
@@ -91,7 +93,7 @@ def dispatch(config, workdir: str) -> dict:
     # says so once, when it skips the test metrics). A resumed run's
     # wall-time axis carries on from its last point.
     if config.eval.every_steps and not folder.good_only(loader.files):
-      hook = evaluate.make_curve_hook(
+      hook = curve_hook.make_curve_hook(
           config, loader, learning_curves.last_wall_minutes(workdir))
     params = train.train_and_checkpoint(config, workdir, loader, hook)
     if hook is not None and jax.process_index() == 0:
@@ -191,7 +193,7 @@ def run_categories(config, workdir: str) -> dict:
   report['mean'] = mean_metrics(report)
   fileio.write_json_atomic(os.path.join(workdir, 'metrics.json'), report)
   fileio.write_text_atomic(os.path.join(workdir, 'results.md'),
-                           evaluate.results_table(report))
+                           report_lib.results_table(report))
   return report
 
 

@@ -17,6 +17,8 @@ from rcae_jax.data import folder
 from rcae_jax.data import geometry
 from rcae_jax.data import input_pipeline
 from rcae_jax.evaluation import evaluate
+from rcae_jax.evaluation import scoring
+from rcae_jax.evaluation import maps as maps_lib
 
 # A long part, 3:1 like a strip on a line camera; the model input is 1:2,
 # so 'keep_aspect' pads 11 of its 32 rows.
@@ -82,7 +84,7 @@ def test_keep_aspect_layout_is_edge_padded_and_crops_back():
   mask[DEFECT] = True
   small = geometry.layout_mask(mask, MODEL_HW, 'keep_aspect')
   assert small.shape == MODEL_HW and not small[h:].any()
-  back = evaluate.upsample(geometry.crop(small.astype(np.float32), (h, w)),
+  back = maps_lib.upsample(geometry.crop(small.astype(np.float32), (h, w)),
                            IMAGE_HW) > 0.5
   assert (back & mask).sum() / (back | mask).sum() > 0.8
 
@@ -110,8 +112,8 @@ def test_image_scores_ignore_the_padding():
   for score in ('max', 'mean'):
     cfg = ml_collections.ConfigDict(dict(image_score=score, smoothing='box',
                                          smoothing_size=1))
-    plain = np.asarray(evaluate.image_scores(jnp.asarray(maps), cfg))
-    masked = np.asarray(evaluate.image_scores(jnp.asarray(maps), cfg, valid))
+    plain = np.asarray(scoring.image_scores(jnp.asarray(maps), cfg))
+    masked = np.asarray(scoring.image_scores(jnp.asarray(maps), cfg, valid))
     expected = [0.0, 1.0] if score == 'max' else [0.0, 1.0 / 40]
     np.testing.assert_allclose(masked, expected, rtol=1e-6)
     assert (plain > masked).all()
@@ -150,7 +152,7 @@ def _brightness_predict_fn(config, nets=None):
              else geometry.valid_mask(jnp.asarray(extents), amap.shape[1:]))
     recs = jnp.zeros((config.model.depth,) + images.shape, jnp.float32)
     return {'recs': recs, 'details': recs, 'map': amap,
-            'score': evaluate.image_scores(amap, config.eval, valid)}
+            'score': scoring.image_scores(amap, config.eval, valid)}
   return fn
 
 

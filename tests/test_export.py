@@ -12,7 +12,7 @@ import pytest
 from conftest import load_config
 from conftest import subprocess_env
 import test_no_tensorflow
-from rcae_jax.evaluation import evaluate
+from rcae_jax.evaluation import maps as maps_lib
 from rcae_jax.serving import export
 from rcae_jax.tools import benchmark
 
@@ -59,9 +59,9 @@ def test_export_signature(exported):
 def test_round_trip_matches_predict_without_model_code(exported, tmp_path):
   """Batch sizes 1 and 3 through the one symbolic-batch artefact, loaded in
   a process where Flax and the rcae_jax model code cannot be imported, give
-  the maps and scores of the jitted `evaluate.predict`."""
+  the maps and scores of the jitted `maps_lib.predict`."""
   config, params, path, _ = exported
-  predict = evaluate.make_predict_fn(config)
+  predict = maps_lib.make_predict_fn(config)
   arrays = {}
   for batch in (1, 3):
     images = _images(batch, seed=batch)

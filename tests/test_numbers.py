@@ -21,6 +21,8 @@ from rcae_jax import run as run_lib
 from rcae_jax.data import folder
 from rcae_jax.data import input_pipeline
 from rcae_jax.evaluation import evaluate
+from rcae_jax.evaluation import scoring
+from rcae_jax.evaluation import maps as maps_lib
 from rcae_jax.model import losses
 
 # x, one 2 x 3 single-channel image:  0 1 3
@@ -67,37 +69,37 @@ def impulse(size=9, at=(4, 4)):
 
 
 def test_box_blur_averages_over_the_window_zero_padded():
-  out = np.asarray(evaluate.box_blur(impulse(5, (2, 2)), 3))[0]
+  out = np.asarray(scoring.box_blur(impulse(5, (2, 2)), 3))[0]
   expected = np.zeros((5, 5))
   expected[1:4, 1:4] = 1 / 9
   np.testing.assert_allclose(out, expected, atol=1e-7)
   # At the border the window reaches into zeros and still divides by 9.
-  corner = np.asarray(evaluate.box_blur(impulse(5, (0, 0)), 3))[0]
+  corner = np.asarray(scoring.box_blur(impulse(5, (0, 0)), 3))[0]
   np.testing.assert_allclose(corner[:2, :2], 1 / 9, atol=1e-7)
   assert corner.sum() == pytest.approx(4 / 9)
   # Even windows ('SAME' pads one more after than before).
-  even = np.asarray(evaluate.box_blur(impulse(5, (2, 2)), 2))[0]
+  even = np.asarray(scoring.box_blur(impulse(5, (2, 2)), 2))[0]
   expected = np.zeros((5, 5))
   expected[1:3, 1:3] = 1 / 4
   np.testing.assert_allclose(even, expected, atol=1e-7)
-  np.testing.assert_array_equal(evaluate.box_blur(impulse(), 1), impulse())
+  np.testing.assert_array_equal(scoring.box_blur(impulse(), 1), impulse())
 
 
 def test_gaussian_kernel_and_blur():
-  k = evaluate.gaussian_kernel(1.0)
+  k = scoring.gaussian_kernel(1.0)
   assert k.shape == (7,)  # Radius 3 sigma.
   # Centre weight: 1 / (1 + 2 (e^-1/2 + e^-2 + e^-9/2)) = 0.399050.
   assert k[3] == pytest.approx(0.399050, abs=1e-6)
   assert k.sum() == pytest.approx(1.0, abs=1e-6)
   assert k[4] / k[3] == pytest.approx(np.exp(-0.5), rel=1e-6)
   np.testing.assert_allclose(k, k[::-1])
-  blurred = np.asarray(evaluate.gaussian_blur(impulse(), 1.0))[0]
+  blurred = np.asarray(scoring.gaussian_blur(impulse(), 1.0))[0]
   np.testing.assert_allclose(blurred[1:8, 1:8], np.outer(k, k), atol=1e-7)
   # Edge padding: a constant map stays constant up to the border.
   flat = jnp.full((1, 6, 6), 0.7)
-  np.testing.assert_allclose(evaluate.gaussian_blur(flat, 2.0), 0.7,
+  np.testing.assert_allclose(scoring.gaussian_blur(flat, 2.0), 0.7,
                              rtol=1e-6)
-  np.testing.assert_array_equal(evaluate.gaussian_blur(impulse(), 0.0),
+  np.testing.assert_array_equal(scoring.gaussian_blur(impulse(), 0.0),
                                 impulse())
 
 
@@ -110,19 +112,19 @@ def eval_cfg(**kwargs):
 def test_image_scores_known_values():
   maps = jnp.concatenate([impulse(), 0.25 * jnp.ones((1, 9, 9))])
   np.testing.assert_allclose(
-      evaluate.image_scores(maps, eval_cfg(image_score='mean')),
+      scoring.image_scores(maps, eval_cfg(image_score='mean')),
       [1 / 81, 0.25], rtol=1e-6)
   # Max after a 3 x 3 box: a lone hot pixel counts 1/9, a flat map itself.
-  np.testing.assert_allclose(evaluate.image_scores(maps, eval_cfg()),
+  np.testing.assert_allclose(scoring.image_scores(maps, eval_cfg()),
                              [1 / 9, 0.25], rtol=1e-6)
   # Gaussian of sigma = smoothing_size / 3 = 1: the centre weight squared.
   np.testing.assert_allclose(
-      evaluate.image_scores(maps, eval_cfg(smoothing='gaussian')),
+      scoring.image_scores(maps, eval_cfg(smoothing='gaussian')),
       [0.399050 ** 2, 0.25], rtol=1e-5)
   # A single hot pixel must not outscore a small hot region.
   region = np.zeros((1, 9, 9), np.float32)
   region[0, 3:6, 3:6] = 0.5
-  scores = evaluate.image_scores(jnp.concatenate([impulse(), region]),
+  scores = scoring.image_scores(jnp.concatenate([impulse(), region]),
                                  eval_cfg())
   assert scores[1] > scores[0]
 
@@ -132,19 +134,19 @@ def test_image_scores_known_values():
 
 def test_upsample_is_pixel_centred_bilinear():
   np.testing.assert_allclose(
-      evaluate.upsample(np.array([[0., 1.]]), (1, 4)), [[0, 0.25, 0.75, 1]],
+      maps_lib.upsample(np.array([[0., 1.]]), (1, 4)), [[0, 0.25, 0.75, 1]],
       atol=1e-6)
   # Separable: rows and columns with the same weights W.
   w = np.array([[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])
   m = np.array([[0., 1.], [2., 3.]])
-  np.testing.assert_allclose(evaluate.upsample(m, (4, 4)), w @ m @ w.T,
+  np.testing.assert_allclose(maps_lib.upsample(m, (4, 4)), w @ m @ w.T,
                              atol=1e-6)
-  same = evaluate.upsample(m, (2, 2))
+  same = maps_lib.upsample(m, (2, 2))
   assert same.dtype == np.float32
   np.testing.assert_array_equal(same, m)
   # Non-square targets keep (H, W) order.
-  assert evaluate.upsample(m, (6, 3)).shape == (6, 3)
-  np.testing.assert_allclose(evaluate.upsample(np.full((3, 5), 0.4),
+  assert maps_lib.upsample(m, (6, 3)).shape == (6, 3)
+  np.testing.assert_allclose(maps_lib.upsample(np.full((3, 5), 0.4),
                                                (7, 11)), 0.4, rtol=1e-6)
 
 

@@ -81,14 +81,14 @@ def test_depth_report_mode_on_a_trained_workdir(trained):
 
 def test_recursion_error_map_combines_depths():
   from rcae_jax import validate  # pylint: disable=g-import-not-at-top
-  from rcae_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  from rcae_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
   import conftest  # pylint: disable=g-import-not-at-top
   x = np.zeros((1, 2, 2, 3), np.float32)
   # Depth 1 errs by 0.3 at pixel (0, 0), depth 2 by 0.1 everywhere.
   dets = np.zeros((2, 1, 2, 2, 3), np.float32)
   dets[0, 0, 0, 0] = 0.3
   dets[1] = 0.1
-  got = {r: np.asarray(evaluate.recursion_error_map(dets, x, r))[0]
+  got = {r: np.asarray(scoring.recursion_error_map(dets, x, r))[0]
          for r in ('mean', 'max', 'last')}
   np.testing.assert_allclose(got['mean'], [[0.2, 0.05], [0.05, 0.05]])
   np.testing.assert_allclose(got['max'], [[0.3, 0.1], [0.1, 0.1]])

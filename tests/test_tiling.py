@@ -22,6 +22,9 @@ from rcae_jax.data import folder
 from rcae_jax.data import input_pipeline
 from rcae_jax.data import tiling
 from rcae_jax.evaluation import evaluate
+from rcae_jax.evaluation import scoring
+from rcae_jax.evaluation import maps as maps_lib
+from rcae_jax.evaluation import loops
 from rcae_jax.model import inference
 from rcae_jax.training import train
 
@@ -139,17 +142,39 @@ def test_stitched_maps_land_where_their_tiles_came_from(tile):
                                          for w in working)
 
 
+def _reference_score(amap, score, smoothing, size):
+  """The image score by its definition, pixel by pixel in float64: the
+  maximum of the box mean (zero outside the map) or of the edge-padded
+  separable Gaussian of sigma size / 3, or the plain mean."""
+  if score == 'mean':
+    return amap.mean()
+  h, w = amap.shape
+  if smoothing == 'box':
+    lo = (size - 1) // 2
+    padded = np.pad(amap.astype(np.float64), ((lo, size - 1 - lo),) * 2)
+    return max(padded[y:y + size, x:x + size].sum() / size ** 2
+               for y in range(h) for x in range(w))
+  k = scoring.gaussian_kernel(size / 3).astype(np.float64)
+  r = len(k) // 2
+  padded = np.pad(amap.astype(np.float64), r, mode='edge')
+  return max((np.outer(k, k) * padded[y:y + 2 * r + 1, x:x + 2 * r + 1]).sum()
+             for y in range(h) for x in range(w))
+
+
 def test_stitched_scores_follow_the_eval_config():
-  """`map_score` (numpy, any size) equals the jitted `image_scores`."""
+  """`map_score` (one map of any size) and the jitted batch `image_scores`
+  both equal the score computed from its definition."""
   rng = np.random.default_rng(2)
   maps = rng.random((3, 24, 40)).astype(np.float32)
   for score, smoothing, size in (('max', 'box', 4), ('max', 'box', 3),
                                  ('max', 'gaussian', 6), ('mean', 'box', 1)):
     cfg = type('Eval', (), dict(image_score=score, smoothing=smoothing,
                                 smoothing_size=size))
-    expected = np.asarray(evaluate.image_scores(jnp.asarray(maps), cfg))
-    got = [evaluate.map_score(m, cfg) for m in maps]
+    expected = [_reference_score(m, score, smoothing, size) for m in maps]
+    batch = np.asarray(scoring.image_scores(jnp.asarray(maps), cfg))
+    got = [scoring.map_score(m, cfg) for m in maps]
     np.testing.assert_allclose(got, expected, rtol=1e-5)
+    np.testing.assert_allclose(batch, expected, rtol=1e-5)
 
 
 # ------------------------------------------------------------ evaluation
@@ -164,13 +189,13 @@ def test_an_image_of_one_tile_maps_exactly_as_untiled(make_config, tmp_path):
   config = make_config(**{'eval.scoring': 'recursion'})
   nets = inference.build_networks(config.model)
   params = train.initial_params(nets, config)
-  fn = evaluate.make_predict_fn(config, nets)
+  fn = maps_lib.make_predict_fn(config, nets)
   untiled = input_pipeline.MemoryLoader(files, 32)
   tiled = input_pipeline.MemoryLoader(
       files, 32, tiling=tiling.Tiling(tile=48, side=32, overlap=0.25,
                                       sampling='random'))
-  a = evaluate.run_predictions(params, untiled, config, 'test', fn, keep=[2])
-  b = evaluate.run_predictions(params, tiled, config, 'test', fn, keep=[2])
+  a = loops.run_predictions(params, untiled, config, 'test', fn, keep=[2])
+  b = loops.run_predictions(params, tiled, config, 'test', fn, keep=[2])
   assert len(a[0]) == len(b[0]) == 3
   for x, y in zip(a[0], b[0]):
     np.testing.assert_array_equal(x, y)
@@ -191,7 +216,7 @@ def _brightness_predict_fn(config, nets=None):
     amap = jnp.asarray(images, jnp.float32).mean(-1) / 255
     recs = jnp.zeros((config.model.depth,) + images.shape, jnp.float32)
     return {'recs': recs, 'details': recs, 'map': amap,
-            'score': evaluate.image_scores(amap, config.eval)}
+            'score': scoring.image_scores(amap, config.eval)}
   return fn
 
 

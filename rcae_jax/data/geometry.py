@@ -12,7 +12,7 @@ jitted programs are compiled for one shape. `data.resize` says how:
   valid region, its `extent` (h, w), is what the maps are cropped to
   before they go back to the image's own size, so the padding never
   reaches a metric, a threshold or an exported map, and image scores
-  ignore it (evaluate.image_scores).
+  ignore it (scoring.image_scores).
 
 Edge padding, not a constant: a constant border makes a step edge at the
 image boundary that the autoencoders rebuild badly, and convolutions and

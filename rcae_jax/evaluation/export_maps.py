@@ -8,7 +8,7 @@ map per test image from
 so passing `<out_root>/anomaly_maps` as its `--anomaly_maps_dir` scores our
 maps with the reference implementation of AU-PRO. Maps are written at the
 ground-truth (original image) resolution, as that script compares them with
-the masks pixel by pixel; the caller upsamples (`evaluate.upsample`).
+the masks pixel by pixel; the caller upsamples (`maps.upsample`).
 
 Files are written atomically (`fileio.write_bytes_atomic`; `out_root` may be
 a gs:// URL): an interrupted export never leaves a truncated TIFF that a later evaluation

@@ -1,7 +1,7 @@
 """Learning curves: test metrics against training step and wall time.
 
 `config.eval.every_steps` makes training score the test set every K steps
-of each stage (`evaluate.make_curve_hook`), as `curve/*` rows of
+of each stage (`curve_hook.make_curve_hook`), as `curve/*` rows of
 `<workdir>/scalars.jsonl`. This module reads those rows back and draws
 them: image AUROC, pixel AUROC and AU-PRO against the global step (left)
 and the wall time (right), with the stage boundaries marked. Whether a

@@ -140,7 +140,7 @@ def overlay(image, amap, vmin: float, vmax: float, gt_mask=None,
   Args:
     image: [H, W, 3] uint8 (or float in [0, 1], or grayscale).
     amap: [H, W] map at the image's size (the caller resizes, e.g. with
-      `evaluate.upsample`): a silent resize here would hide a mix-up.
+      `maps.upsample`): a silent resize here would hide a mix-up.
     vmin, vmax: the category's fixed colour scale.
     gt_mask: optional [H, W] ground-truth mask; its boundary is GT_COLOR.
     threshold: optional; the boundary of `amap >= threshold` is PRED_COLOR.

@@ -38,8 +38,8 @@ from rcae_jax.common import fileio
 
 def predict_map_score(params, images, *, nets, config):
   """The deployed function: the anomaly map and the image score only."""
-  from rcae_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
-  out = evaluate.predict(params, images, nets=nets, config=config)
+  from rcae_jax.evaluation import maps as maps_lib  # pylint: disable=g-import-not-at-top
+  out = maps_lib.predict(params, images, nets=nets, config=config)
   return {'map': out['map'], 'score': out['score']}
 
 

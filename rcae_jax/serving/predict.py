@@ -35,7 +35,8 @@ from rcae_jax.common import fileio
 from rcae_jax.data import decode
 from rcae_jax.data import geometry
 from rcae_jax.data import tiling as tiling_lib
-from rcae_jax.evaluation import evaluate
+from rcae_jax.evaluation import scoring
+from rcae_jax.evaluation import maps as maps_lib
 from rcae_jax.evaluation import export_maps
 from rcae_jax.evaluation import visualize
 from rcae_jax.serving import params as params_lib
@@ -107,7 +108,7 @@ def tiled_maps(predict_fn, params, images, config
   maps = [m for _, m in tiling_lib.stitch_stream(
       working, lambda batch, _: predict_fn(params, batch)['map'], tiling,
       config.eval.batch_size)]
-  return maps, [evaluate.map_score(m, config.eval) for m in maps]
+  return maps, [scoring.map_score(m, config.eval) for m in maps]
 
 
 def score_chunk(predict_fn, params, chunk, decoded, config, thresholds,
@@ -133,7 +134,7 @@ def score_chunk(predict_fn, params, chunk, decoded, config, thresholds,
       rows.append(dict(row, decision=predict_report.ERROR, error=reason))
       continue
     k = row_of[j]
-    amap = evaluate.upsample(geometry.crop(maps[k], extents[k]),
+    amap = maps_lib.upsample(geometry.crop(maps[k], extents[k]),
                              image.shape[:2])
     map_path = os.path.join(out_dir, x.name + '.tiff')
     overlay_path = os.path.join(out_dir, x.name + '.overlay.png')
@@ -213,7 +214,7 @@ def score_all(config, workdir, todo, report, thresholds, out_dir) -> None:
   every `predict.flush_seconds` (and whatever is pending on the way out,
   also on an exception or Ctrl-C)."""
   params = params_lib.load_params(config, workdir)
-  predict_fn = evaluate.make_predict_fn(config)
+  predict_fn = maps_lib.make_predict_fn(config)
   start = last_flush = time.monotonic()
   pending, done, errors = [], 0, 0
   try:

@@ -17,7 +17,7 @@ folder given. An image that cannot be read becomes an ERROR row; the exit
 status is then 3.
 
 Decoding, resizing and map upsampling repeat rcae_jax/data/decode.py
-and evaluate.upsample exactly: tests check that maps and scores equal
+and evaluation/maps.py upsample exactly: tests check that maps and scores equal
 `--config.mode=predict`'s. This file must not import rcae_jax: it runs
 where only the export folder is.
 """

@@ -1,7 +1,7 @@
 """Inference benchmark: latency / throughput of the full predict function.
 
 For every (image size, dtype, batch size) in `config.benchmark`, the full
-inference function `evaluate.predict` (all N reconstructions, DPN, CRD or
+inference function `maps_lib.predict` (all N reconstructions, DPN, CRD or
 the recursion-error map, image score) is compiled ahead of time with
 `jax.jit(fn).lower(params, images).compile()` (compile time reported
 separately), warmed up, then timed per call:
@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from rcae_jax.common import fileio
-from rcae_jax.evaluation import evaluate
+from rcae_jax.evaluation import maps as maps_lib
 from rcae_jax.evaluation import scoring
 from rcae_jax.model import flops as flops_lib
 from rcae_jax.model import inference
@@ -219,7 +219,7 @@ def environment() -> dict:
 def predict_fn(config):
   """The full inference function of `config` as f(params, images)."""
   nets = inference.build_networks(config.model)
-  return functools.partial(evaluate.predict, nets=nets, config=config)
+  return functools.partial(maps_lib.predict, nets=nets, config=config)
 
 
 def gflop_per_image(config, params, image_size: int) -> dict:

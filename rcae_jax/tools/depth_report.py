@@ -19,20 +19,22 @@ import functools
 import jax
 import numpy as np
 
-from rcae_jax.evaluation import evaluate
+from rcae_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
+
+from rcae_jax.evaluation import loops  # pylint: disable=g-import-not-at-top
 from rcae_jax.evaluation import metrics
 from rcae_jax.model import inference
 
 
 def error_maps(params, images, *, nets, use_dpn: bool) -> dict:
   """[B, N, H, W] channel-mean |I_R^n - I| ('rec') and, with DPN,
-  |I_D^n - I| ('det'); batch axis first for `evaluate.collect`."""
+  |I_D^n - I| ('det'); batch axis first for `loops.collect`."""
   x = inference.to_float(images)
   recs = inference.reconstructions(nets, params, x)
-  out = {'rec': evaluate.depth_errors(recs, x).swapaxes(0, 1)}
+  out = {'rec': scoring.depth_errors(recs, x).swapaxes(0, 1)}
   if use_dpn:
     dets = inference.details(nets, params, recs, x, use_dpn)
-    out['det'] = evaluate.depth_errors(dets, x).swapaxes(0, 1)
+    out['det'] = scoring.depth_errors(dets, x).swapaxes(0, 1)
   return out
 
 
@@ -53,7 +55,7 @@ def make_report(params, loader, config) -> dict:
   nets = inference.build_networks(config.model)
   use_dpn = inference.uses_dpn(config)
   fn = jax.jit(functools.partial(error_maps, nets=nets, use_dpn=use_dpn))
-  rows = evaluate.collect(loader, config.eval.batch_size,
+  rows = loops.collect(loader, config.eval.batch_size,
                           lambda batch, _: fn(params, batch['image']))
   masks = rows['mask'].astype(bool)
   if not masks.any() or masks.all():

@@ -26,7 +26,9 @@ from __future__ import annotations
 import numpy as np
 
 from rcae_jax.data import geometry
-from rcae_jax.evaluation import evaluate
+from rcae_jax.evaluation import scoring
+from rcae_jax.evaluation import maps as maps_lib
+from rcae_jax.evaluation import loops
 from rcae_jax.evaluation import metrics
 
 QUANTILES = (0.5, 0.99, 0.999)
@@ -53,10 +55,10 @@ def map_splits(params, loader, config, scoring: str) -> dict:
   `scoring`, through one compiled predict function."""
   cfg = config.copy_and_resolve_references()
   cfg.eval.scoring = scoring
-  predict_fn = evaluate.make_predict_fn(cfg)
+  predict_fn = maps_lib.make_predict_fn(cfg)
   out = {}
   for split in ('test', 'val'):
-    maps, _, labels, masks, _ = evaluate.run_predictions(
+    maps, _, labels, masks, _ = loops.run_predictions(
         params, loader, cfg, split, predict_fn)
     out[split] = (np.asarray(maps), labels, masks)
   return out
@@ -71,8 +73,8 @@ def valid_pixels(maps, extents) -> np.ndarray:
 def score(maps, labels, masks, extents, eval_cfg) -> dict:
   """Image AUROC, pixel AUROC, AU-PRO and their mean for one map."""
   valid = geometry.valid_mask(np.asarray(extents), maps.shape[1:])
-  scores = np.asarray(evaluate.image_scores(maps, eval_cfg, valid))
-  masks, maps = evaluate.valid_regions(masks, maps, extents)
+  scores = np.asarray(scoring.image_scores(maps, eval_cfg, valid))
+  masks, maps = loops.valid_regions(masks, maps, extents)
   result = metrics.compute_metrics(labels, scores, masks=masks, maps=maps,
                                    fpr_limit=eval_cfg.pro_fpr_limit)
   row = {k: float(result[k]) for k in KEYS}
