@@ -110,7 +110,7 @@ print('OK')
 
 # ------------------------------------- export mode and the standalone script
 
-SERVE = os.path.join(REPO, 'rcae_jax', 'standalone', 'serve_export.py')
+SERVE = os.path.join(REPO, 'rcae_jax', 'serving', 'serve_export.py')
 # Runs a script with everything but jax, numpy and Pillow (and the standard
 # library) unimportable, as on a production machine with only the export.
 SERVE_RUNNER = '''

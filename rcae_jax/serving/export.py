@@ -79,7 +79,7 @@ MODEL_JSON = 'model.json'
 SERVE_SCRIPT = 'serve_export.py'
 # The standalone scorer, shipped as package data so installed copies have it.
 SERVE_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                            'standalone', SERVE_SCRIPT)
+                            SERVE_SCRIPT)
 
 
 def _shape(aval) -> list:
