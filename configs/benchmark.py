@@ -15,7 +15,7 @@ read and nothing is trained; TensorFlow is not needed.
 
 Hardware: one GPU / TPU (runs on CPU too, slowly). Analytic cost
 (rcae_jax/model/flops.py): 657 GFLOP per 256^2 image, 10.5 TFLOP per 1024^2
-image. Expected speed, not yet measured with this config: docs/DESIGN.md
+image. Expected speed, not yet measured with this config: docs/performance.md
 reports a similar but smaller network (4.5 M parameters, ~536 GFLOP per
 256^2 image) at 5.7 ms per image at batch 1 in bfloat16 and ~400 images/s
 at batch 16 on one H200. The default sweep compiles 16 programs (2 sizes x

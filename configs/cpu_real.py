@@ -8,7 +8,8 @@ objects with a fixed pose keep the default (no augmentation).
 Command (from the repository root; any MVTec-layout category):
 
     python -m rcae_jax.main --config configs/cpu_real.py --workdir DIR \
-      --config.data.root=../shared/data/mvtec_grid --config.data.category=grid \
+      --config.data.root=/data/mvtec_anomaly_detection \
+      --config.data.category=grid \
       --config.data.augment=hflip,vflip,rot90
 
 Add `--config.eval.every_steps=200` for learning curves

@@ -5,7 +5,7 @@ resume from the workdir's checkpoints):
 
     python -m rcae_jax.main --config configs/default.py --workdir workdirs/default
 
-Hardware and expected result: see README.md, section "Default run", for the
+Hardware and expected result: see docs/results.md, "The default run", for the
 measured wall time on 2 CPU cores and the metrics it writes to
 workdirs/default/metrics.json (image and pixel AUROC >= 0.90).
 
@@ -84,8 +84,8 @@ def get_config() -> ml_collections.ConfigDict:
   # back to the image and the padding counts in no metric or score).
   data.resize = 'squash'
   # (ours) Tiling for images much larger than the model, whose defects a
-  # resize to image_size would erase (rcae_jax/data/tiling.py; README, "High-
-  # resolution images: tiling"). 0 = off. T > 0: each image is scaled by
+  # resize to image_size would erase (rcae_jax/data/tiling.py;
+  # docs/high_resolution.md). 0 = off. T > 0: each image is scaled by
   # image_size / T (not at all when T = image_size: native pixels) and cut
   # into image_size x image_size tiles; training draws tiles, inference
   # blends overlapping tiles' maps into one map per image. Needs a square

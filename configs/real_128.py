@@ -10,10 +10,10 @@ pixel AUROC on both measured categories.
 Command (from the repository root; any MVTec-layout category):
 
     python -m rcae_jax.main --config configs/real_128.py --workdir DIR \
-      --config.data.root=../shared/data/visa_capsules \
+      --config.data.root=/data/visa_capsules \
       --config.data.category=capsules
 
-(KolektorSDD: `--config.data.root=../shared/data/kolektorsdd
+(KolektorSDD: `--config.data.root=/data/kolektorsdd
 --config.data.category=kolektorsdd`.)
 
 Hardware and expected result, measured on the 2-core AMD EPYC CPU dev

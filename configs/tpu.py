@@ -15,11 +15,11 @@ Directly on a machine that already has the code and data:
     python -m rcae_jax.main --config configs/tpu.py --workdir DIR \
       --config.data.root=/path/to/mvtec_ad --config.data.category=bottle
 
-What the paper fixes (../shared/docs/METHOD.md from the repository root,
+What the paper fixes (docs/method.md,
 **P**): input 1024 x 1024, N = 5, Adam with learning rate 1e-4, 1500 / 400 /
 300 epochs for stages 1 / 2 / 3.
-Widths, residual blocks and the batch size are ours (METHOD.md's
-suggestions).
+Widths, residual blocks and the batch size are ours (see
+docs/method.md).
 
 Epochs -> steps. Our trainer counts optimiser steps per stage, so each stage
 has both `epochs` (the paper's number) and `steps`, derived as
@@ -39,7 +39,7 @@ Hardware and expected result: NO timing was measured for this config -- no
 TPU was available in the environment where it was written, and nothing here
 claims a speed. The target (not a measured result) is the paper's MVTec-AD
 numbers: mean image AUROC 98.9 and pixel AUROC 98.7 over the 15 categories
-(per-category numbers vary; see METHOD.md). The global batch size must be
+(the paper's means; docs/method.md). The global batch size must be
 divisible by the number of devices (v5litepod-8: 8 chips; v4-32: 16 chips);
 raise `train.batch_size` for bigger slices.
 """
@@ -87,9 +87,9 @@ def get_config() -> ml_collections.ConfigDict:
   # --------------------------------------------------------------- model
   # N = 5 recursion steps at test time (**P**).
   model.depth = 5
-  # Shared encoder / decoder width (ours, METHOD.md's C = 128).
+  # Shared encoder / decoder width (ours, C = 128; docs/method.md).
   model.width = 128
-  # Residual blocks per encoder and decoder step (ours, METHOD.md).
+  # Residual blocks per encoder and decoder step (ours, docs/method.md).
   model.num_res_blocks = 2
   # Detail Preservation Network base width (ours).
   model.dpn_width = 32

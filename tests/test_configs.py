@@ -16,7 +16,7 @@ CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, 'configs'))
 @pytest.mark.parametrize('name', CONFIGS)
 def test_config_loads_and_validates(name):
   validate.validate(load_config(name))
-  # Every config states its command and expected result (DESIGN.md).
+  # Every config states its command and expected result (CONTRIBUTING.md).
   text = open(os.path.join(REPO, 'configs', f'{name}.py')).read()
   assert '--config configs/' in text, f'{name} does not state its command'
 

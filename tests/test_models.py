@@ -156,7 +156,7 @@ def _jacobian_rank(model, params, x, depth):
 
 @pytest.mark.parametrize('skips', [True, False])
 def test_no_identity_path_every_depth_loses_information(skips):
-  """METHOD.md: depth n must lose information n times, and no path may
+  """docs/method.md: depth n must lose information n times, and no path may
   let the decoder copy the input. The Jacobian of the depth-n
   reconstruction w.r.t. the input factors through whatever reaches the
   first decoder step, so its rank is bounded by the number of values

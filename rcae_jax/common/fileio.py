@@ -147,7 +147,7 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> None:
     raise
   except OSError as e:
     # A full disk must stop the run with the file named, not a traceback
-    # from deep inside the writer (README, Preemption and reliability).
+    # from deep inside the writer (docs/reliability.md, section 3).
     raise write_error(path, e) from e
 
 

@@ -19,7 +19,7 @@ Whether an existing lock still counts:
   the process table decides. A process that is gone (killed, crashed, the
   machine rebooted) cannot write any more, so its lock is taken over at
   once, with a warning: "rerun the same command" after a SIGKILL must keep
-  working (README, Preemption).
+  working (docs/reliability.md).
 - its holder ran elsewhere (another VM of a preemptible pool, a workdir on
   gs:// or NFS): only its heartbeat tells. The holder rewrites the record
   every `workdir_lock.stale_minutes / 5`; a record older than

@@ -2,7 +2,7 @@
 
 XLA's `cost_analysis()` is not usable for roofline figures here: it counts a
 rolled loop body once, and on GPU it misses convolutions that run as library
-(cuDNN) calls (see docs/DESIGN.md). Walking the model's parameter tree is
+(cuDNN) calls (docs/performance.md). Walking the model's parameter tree is
 fragile too (shared weights are applied many times: the RcAE encoder chain is
 shared by all N reconstructions, the decoder of depth n runs n times, DPN
 runs on all N, CRD on the stacked steps). Instead we trace the function

@@ -2,7 +2,7 @@
 
 Stage 1 and 2: L1(a, b) + L1(a', b'); stage 3: L2(a, b) + L2(a', b'); x'
 is the first-order gradient image (forward differences along H and W,
-per channel). Gradient operator is ours: METHOD.md leaves it open.
+per channel). Gradient operator is ours: the paper leaves it open.
 """
 
 import jax

@@ -29,7 +29,7 @@ def pixel_shuffle(x: jax.Array, factor: int = 2) -> jax.Array:
   """Depth-to-space on the last two spatial axes: [..., h, w, f*f*c] ->
   [..., f*h, f*w, c]. A 1x1 conv to 4c followed by this is exactly a
   kernel-2 stride-2 transposed conv, without ConvTranspose's slow XLA
-  gradient (see docs/DESIGN notes)."""
+  gradient (docs/performance.md, "Design choices made for speed")."""
   *lead, h, w, c = x.shape
   c_out = c // (factor * factor)
   x = x.reshape(*lead, h, w, factor, factor, c_out)
@@ -62,7 +62,7 @@ class EncoderStep(nn.Module):
   features. It must stay narrow: the wide features of a kernel-2 stride-2
   conv to >= 4 * (input channels) can hold a lossless space-to-depth copy
   of the step's input, so a wide skip would undo this level's compression
-  (METHOD.md). With code + skip < 4 * input channels the level still loses
+  (docs/method.md). With code + skip < 4 * input channels the level still loses
   information (tests/test_models.py checks it through the Jacobian rank)."""
   width: int
   out_channels: int

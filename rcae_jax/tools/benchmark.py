@@ -172,7 +172,7 @@ def _memory_analysis(compiled) -> dict | None:
 
 
 def _xla_flops(compiled) -> float | None:
-  """XLA's own count, for comparison only (it undercounts, DESIGN.md)."""
+  """XLA's own count, for comparison only (it undercounts: model/flops.py)."""
   try:
     cost = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except

@@ -8,7 +8,7 @@ resolution (as the learning curves), with the configured image score
 ("Fusing the CRD and recursion maps") ran it on the three shared
 categories under a selection rule written first.
 
-Candidates (ours; METHOD.md scores with CRD's M_A alone):
+Candidates (ours; the paper scores with CRD's M_A alone, docs/method.md):
 - 'crd' (c) and 'recursion' (r, `eval.recursion_reduce`, `eval.map_sigma`):
   the two maps `eval.scoring` offers;
 - 'product': c * r, which needs no normaliser (a pixel ranks high only

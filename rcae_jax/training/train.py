@@ -91,7 +91,7 @@ def stage1_loss(nets: inference.Networks, rcae_params, x, depth: int,
     rec = apply(x, depth=depth)  # Only n encoder and n decoder steps run.
   loss = losses.l1_with_gradient(rec, x)
   if consistency_weight:
-    # Ours (METHOD.md): neighbouring depths should agree on normal images.
+    # Ours (docs/method.md): neighbouring depths should agree on normal images.
     recs = apply(x)
     loss += consistency_weight * jnp.mean(jnp.abs(recs[1:] - recs[:-1]))
   return loss
@@ -214,7 +214,7 @@ def place(tree, mesh):
   """Replicates `tree` over the mesh (sharding.replicate), or leaves it
   as it is without one.
 
-  Not a jit with out_shardings (DESIGN.md's advice for sharded init): the
+  Not a jit with out_shardings (the usual advice for sharded init): the
   arrays come from a compiled init or an Orbax restore, committed to one
   device, which a jit onto the whole mesh refuses."""
   if mesh is None:
