@@ -1,0 +1,168 @@
+"""Screens accuracy levers as forks of one baseline per category.
+
+    python launch/accuracy_screen.py --data DATA_ROOT --out OUT [--jobs 8]
+
+DATA_ROOT holds MVTec-layout categories (see CATEGORIES). For each
+category it trains the recipe (configs/cpu_real.py) through stage 1, then
+stage 2, then forks: each stage-3 lever resumes a copy of the workdir at
+the end of stage 2, each DPN-guide lever a copy at the end of stage 1, so a
+row differs from the baseline row in its lever alone (docs/results.md,
+"Accuracy, round two"). Every finished fork is evaluated (train mode does
+that) and re-scored by --config.mode=shortcut_report. Runs go in parallel
+(--jobs), each a `python -m rcae_jax.main` process; a summary of every row
+is rewritten to OUT/screen.json as rows finish, so an interrupted screen
+keeps what it had. --steps scales every stage's steps (a smoke test of
+the script: --steps 0.002).
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+# category: (folder under DATA_ROOT, category name, augmentation).
+CATEGORIES = {
+    'grid': ('mvtec_grid', 'grid', 'hflip,vflip,rot90'),
+    'kolektorsdd': ('kolektorsdd', 'kolektorsdd', ''),
+    'capsules': ('visa_capsules', 'capsules', ''),
+}
+# The recipe's steps (configs/cpu_real.py).
+STEPS = {1: 1500, 2: 200, 3: 600}
+# Stage-3 levers: forks of the end of stage 2.
+STAGE3 = {
+    'base': [],
+}
+# Stage-2 levers (DPN guide): forks of the end of stage 1, then stage 3 as
+# the baseline trains it.
+STAGE2 = {}
+
+QUIET = ['--config.eval.pictures_per_type=0', '--config.eval.export_maps=False']
+_lock = threading.Lock()
+
+
+def main_cmd(workdir, flags):
+  return [sys.executable, '-m', 'rcae_jax.main', '--config',
+          'configs/cpu_real.py', '--workdir', workdir, *flags]
+
+
+def run(cmd, log):
+  t0 = time.time()
+  with open(log, 'a') as f:
+    f.write(' '.join(cmd) + '\n')
+    f.flush()
+    code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+  return code, time.time() - t0
+
+
+def category_flags(args, name):
+  folder, category, augment = CATEGORIES[name]
+  return [f'--config.data.root={os.path.join(args.data, folder)}',
+          f'--config.data.category={category}',
+          f'--config.data.augment={augment}', f'--config.seed={args.seed}']
+
+
+def steps_flags(args, s1, s2, s3):
+  scale = lambda n: max(1, round(n * args.steps)) if n else 0
+  return [f'--config.train.stage1.steps={scale(s1)}',
+          f'--config.train.stage2.steps={scale(s2)}',
+          f'--config.train.stage3.steps={scale(s3)}']
+
+
+def fork(src, dst):
+  if os.path.exists(dst):
+    shutil.rmtree(dst)
+  shutil.copytree(src, dst, ignore=shutil.ignore_patterns('RUN_LOCK.json'))
+
+
+def record(args, rows, row):
+  with _lock:
+    rows.append(row)
+    with open(os.path.join(args.out, 'screen.json'), 'w') as f:
+      json.dump(rows, f, indent=1)
+
+
+def read_json(path):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def train_fork(args, rows, name, lever, src, wd, flags, stage3_steps=True):
+  log = os.path.join(args.out, 'logs', f'{name}_{lever}.log')
+  fork(src, wd)
+  code, secs = run(main_cmd(wd, flags), log)
+  row = {'category': name, 'lever': lever, 'flags': flags, 'exit': code,
+         'train_eval_seconds': round(secs, 1),
+         'metrics': read_json(os.path.join(wd, 'metrics.json'))}
+  if code == 0 and stage3_steps:
+    code2, secs2 = run(main_cmd(wd, flags + ['--config.mode=shortcut_report']),
+                       log)
+    row.update(shortcut_exit=code2, shortcut_seconds=round(secs2, 1),
+               shortcut=read_json(os.path.join(wd, 'shortcut_report.json')))
+  record(args, rows, row)
+  return row
+
+
+def screen_category(args, pool, rows, name):
+  base = category_flags(args, name)
+  wd = lambda tag: os.path.join(args.out, 'wd', f'{name}_{tag}')
+  log = os.path.join(args.out, 'logs', f'{name}_base.log')
+  s1 = base + QUIET + steps_flags(args, STEPS[1], 0, 0) + [
+      '--config.eval.scoring=recursion']
+  code, secs = run(main_cmd(wd('stage1'), s1), log)
+  record(args, rows, {'category': name, 'lever': 'stage1', 'exit': code,
+                      'train_eval_seconds': round(secs, 1),
+                      'metrics': read_json(os.path.join(wd('stage1'),
+                                                        'metrics.json'))})
+  if code:
+    return []
+  fork(wd('stage1'), wd('stage2'))
+  s2 = base + QUIET + steps_flags(args, STEPS[1], STEPS[2], 0) + [
+      '--config.eval.scoring=recursion']
+  code, secs = run(main_cmd(wd('stage2'), s2), log)
+  record(args, rows, {'category': name, 'lever': 'stage2', 'exit': code,
+                      'train_eval_seconds': round(secs, 1),
+                      'metrics': read_json(os.path.join(wd('stage2'),
+                                                        'metrics.json'))})
+  if code:
+    return []
+  full = base + QUIET + steps_flags(args, STEPS[1], STEPS[2], STEPS[3])
+  jobs = [pool.submit(train_fork, args, rows, name, lever, wd('stage2'),
+                      wd(lever), full + flags)
+          for lever, flags in STAGE3.items()]
+  jobs += [pool.submit(train_fork, args, rows, name, lever, wd('stage1'),
+                       wd(lever), full + flags)
+           for lever, flags in STAGE2.items()]
+  return jobs
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--data', required=True)
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--jobs', type=int, default=8)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--steps', type=float, default=1.0)
+  parser.add_argument('--categories', default=','.join(CATEGORIES))
+  args = parser.parse_args()
+  os.makedirs(os.path.join(args.out, 'logs'), exist_ok=True)
+  rows = []
+  with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+    bases = [pool.submit(screen_category, args, pool, rows, name)
+             for name in args.categories.split(',')]
+    forks = [j for b in bases for j in b.result()]
+    for j in forks:
+      j.result()
+  print(json.dumps([{k: r.get(k) for k in ('category', 'lever', 'exit')}
+                    for r in rows]))
+
+
+if __name__ == '__main__':
+  main()
