@@ -222,8 +222,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- eval
   config.eval = ev = ml_collections.ConfigDict()
-  # Pixel map: 'crd' (the paper's M_A; needs stage 3) or 'recursion'
-  # (reconstruction error across depths; works after stage 1 alone).
+  # Pixel map: 'crd' (the paper's M_A; needs stage 3), 'recursion'
+  # (reconstruction error across depths; works after stage 1 alone) or
+  # 'fused' (ours; needs stage 3): CRD's map / its median + the recursion
+  # map / its median, the medians over the held-out good images, computed
+  # by evaluate into <workdir>/fusion_normalisers.json and read back by
+  # predict and export (rcae_jax/evaluation/fusion.py).
   ev.scoring = 'crd'
   # Image score: 'max' of the map after smoothing with `smoothing`
   # ('box' or 'gaussian', `smoothing_size` pixels at the model size: scale

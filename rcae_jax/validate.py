@@ -62,7 +62,7 @@ def validate(config) -> None:
   _choice(m.dtype, 'model.dtype', ('float32', 'bfloat16'))
   _choice(d.loader, 'data.loader', ('auto', 'tfdata', 'memory'))
   _choice(d.format, 'data.format', ('mvtec', 'visa'))
-  _choice(e.scoring, 'eval.scoring', ('crd', 'recursion'))
+  _choice(e.scoring, 'eval.scoring', ('crd', 'recursion', 'fused'))
   _choice(e.recursion_reduce, 'eval.recursion_reduce',
           ('mean', 'max', 'last'))
   _choice(e.image_score, 'eval.image_score', ('max', 'mean'))
