@@ -34,9 +34,11 @@ def get_config() -> ml_collections.ConfigDict:
   # as StableHLO for serving without this code; ours), 'benchmark'
   # (inference latency), 'depth_report'
   # (per-depth reconstruction errors on defects vs elsewhere, before and
-  # after DPN: rcae_jax/tools/depth_report.py) or 'fusion_report' (test metrics
+  # after DPN: rcae_jax/tools/depth_report.py), 'fusion_report' (test metrics
   # of CRD's map, the recursion map and fusions of the two:
-  # rcae_jax/tools/fusion_report.py).
+  # rcae_jax/tools/fusion_report.py) or 'shortcut_report' (test metrics of
+  # CRD fed the real I_D^n, I, or flat grey instead, beside the recursion
+  # map: does CRD use the recursion? rcae_jax/tools/shortcut_report.py).
   config.mode = 'train'
   # Seed for parameters, batch order, depth sampling and pseudo-anomalies.
   config.seed = 0

@@ -11,7 +11,7 @@ from rcae_jax.evaluation import scoring
 
 
 MODES = ('train', 'evaluate', 'predict', 'export', 'benchmark',
-         'depth_report', 'fusion_report')
+         'depth_report', 'fusion_report', 'shortcut_report')
 # jax.export's names for the platforms an artefact can be lowered for.
 EXPORT_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
@@ -49,7 +49,8 @@ def check_tiling(config, height: int, width: int) -> None:
         'image is scaled by image_size / tile_size and edge-padded where it '
         "is smaller than a tile): leave config.data.resize='squash', got "
         f'{d.resize!r}')
-  if config.mode in ('export', 'depth_report', 'fusion_report'):
+  if config.mode in ('export', 'depth_report', 'fusion_report',
+                     'shortcut_report'):
     raise ConfigError(
         f"config.mode='{config.mode}' does not support tiling yet: set "
         'config.data.tile_size=0')
