@@ -34,9 +34,11 @@ def get_config() -> ml_collections.ConfigDict:
   # as StableHLO for serving without this code; ours), 'benchmark'
   # (inference latency), 'depth_report'
   # (per-depth reconstruction errors on defects vs elsewhere, before and
-  # after DPN: rcae_jax/tools/depth_report.py) or 'fusion_report' (test metrics
+  # after DPN: rcae_jax/tools/depth_report.py), 'fusion_report' (test metrics
   # of CRD's map, the recursion map and fusions of the two:
-  # rcae_jax/tools/fusion_report.py).
+  # rcae_jax/tools/fusion_report.py) or 'shortcut_report' (test metrics of
+  # CRD fed the real I_D^n, I, or flat grey instead, beside the recursion
+  # map: does CRD use the recursion? rcae_jax/tools/shortcut_report.py).
   config.mode = 'train'
   # Seed for parameters, batch order, depth sampling and pseudo-anomalies.
   config.seed = 0
@@ -222,8 +224,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- eval
   config.eval = ev = ml_collections.ConfigDict()
-  # Pixel map: 'crd' (the paper's M_A; needs stage 3) or 'recursion'
-  # (reconstruction error across depths; works after stage 1 alone).
+  # Pixel map: 'crd' (the paper's M_A; needs stage 3), 'recursion'
+  # (reconstruction error across depths; works after stage 1 alone) or
+  # 'fused' (ours; needs stage 3): CRD's map / its median + the recursion
+  # map / its median, the medians over the held-out good images, computed
+  # by evaluate into <workdir>/fusion_normalisers.json and read back by
+  # predict and export (rcae_jax/evaluation/fusion.py).
   ev.scoring = 'crd'
   # Image score: 'max' of the map after smoothing with `smoothing`
   # ('box' or 'gaussian', `smoothing_size` pixels at the model size: scale

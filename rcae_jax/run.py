@@ -27,7 +27,7 @@ from rcae_jax.training import train
 
 
 # Modes that load a trained workdir and summarise its test set.
-REPORT_MODES = ('depth_report', 'fusion_report')
+REPORT_MODES = ('depth_report', 'fusion_report', 'shortcut_report')
 
 
 def prepare(config, workdir: str):
@@ -132,8 +132,11 @@ def write_report(config, workdir: str, loader) -> dict:
   # pylint: disable=g-import-not-at-top
   if config.mode == 'depth_report':
     from rcae_jax.tools import depth_report as module
-  else:
+  elif config.mode == 'fusion_report':
     from rcae_jax.tools import fusion_report as module
+  else:
+    from rcae_jax.tools import shortcut_report as module
+    module.require_stage3(workdir)
   # pylint: enable=g-import-not-at-top
   params = jax.device_get(params_lib.load_params(config, workdir))
   report = module.make_report(params, loader, config)

@@ -11,7 +11,7 @@ from rcae_jax.evaluation import scoring
 
 
 MODES = ('train', 'evaluate', 'predict', 'export', 'benchmark',
-         'depth_report', 'fusion_report')
+         'depth_report', 'fusion_report', 'shortcut_report')
 # jax.export's names for the platforms an artefact can be lowered for.
 EXPORT_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
@@ -49,7 +49,8 @@ def check_tiling(config, height: int, width: int) -> None:
         'image is scaled by image_size / tile_size and edge-padded where it '
         "is smaller than a tile): leave config.data.resize='squash', got "
         f'{d.resize!r}')
-  if config.mode in ('export', 'depth_report', 'fusion_report'):
+  if config.mode in ('export', 'depth_report', 'fusion_report',
+                     'shortcut_report'):
     raise ConfigError(
         f"config.mode='{config.mode}' does not support tiling yet: set "
         'config.data.tile_size=0')
@@ -62,7 +63,7 @@ def validate(config) -> None:
   _choice(m.dtype, 'model.dtype', ('float32', 'bfloat16'))
   _choice(d.loader, 'data.loader', ('auto', 'tfdata', 'memory'))
   _choice(d.format, 'data.format', ('mvtec', 'visa'))
-  _choice(e.scoring, 'eval.scoring', ('crd', 'recursion'))
+  _choice(e.scoring, 'eval.scoring', ('crd', 'recursion', 'fused'))
   _choice(e.recursion_reduce, 'eval.recursion_reduce',
           ('mean', 'max', 'last'))
   _choice(e.image_score, 'eval.image_score', ('max', 'mean'))

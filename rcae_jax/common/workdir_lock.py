@@ -57,7 +57,8 @@ from rcae_jax.common import fileio
 LOCK_NAME = 'RUN_LOCK.json'
 # Modes that write into the workdir (checkpoints, metrics, thresholds,
 # maps). `predict` and `benchmark` only read it and write their own files.
-LOCKED_MODES = ('train', 'evaluate', 'depth_report', 'fusion_report')
+LOCKED_MODES = ('train', 'evaluate', 'depth_report', 'fusion_report',
+                'shortcut_report')
 
 
 class WorkdirLocked(RuntimeError):

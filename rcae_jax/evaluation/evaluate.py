@@ -36,7 +36,11 @@ def evaluate(params, loader, config, workdir: str, writer=None,
   TIFF maps and pictures under `workdir`; returns the metrics report."""
   scoring.check_scoring(config)
   t0 = time.time()
-  predict_fn = maps_lib.make_predict_fn(config)
+  # 'fused' scoring needs its normalisers (held-out good images) first.
+  normalisers = thresholds_lib.fusion_normalisers(params, loader, config,
+                                                  workdir)
+  predict_fn = (maps_lib.make_predict_fn(config) if normalisers is None else
+                maps_lib.make_predict_fn(config, normalisers=normalisers))
   if folder.good_only(loader.files):
     return thresholds_lib.thresholds_only(params, loader, config, workdir, predict_fn, extra)
   examples = loader.files.test

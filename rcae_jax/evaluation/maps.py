@@ -8,6 +8,9 @@ Pixel map, by `config.eval.scoring`:
   the deepest depth instead of the mean), optionally blurred with a Gaussian of
   `eval.map_sigma` px. Normal regions are rebuilt at every depth; defects
   are not rebuilt at the deeper ones, so their error accumulates.
+- 'fused' (ours): CRD's map / s_c + the recursion map / s_r, each divided by
+  its median over the held-out good images (fusion.py; the fusion screen
+  in docs/results.md chose it).
 """
 
 from __future__ import annotations
@@ -19,36 +22,55 @@ import numpy as np
 from PIL import Image
 
 from rcae_jax.data import geometry
+from rcae_jax.evaluation import fusion
 from rcae_jax.evaluation import scoring
 from rcae_jax.model import inference
 
 
-def predict(params, images, extents=None, *, nets: inference.Networks, config):
+def crd_map(nets: inference.Networks, params, dets, x):
+  """M_A = sigmoid(CRD(dets, x)), [B, H, W]."""
+  return jax.nn.sigmoid(inference.crd_logits(nets, params, dets, x))[..., 0]
+
+
+def recursion_map(dets, x, eval_cfg):
+  """The recursion-error map of `eval.recursion_reduce`, blurred with
+  `eval.map_sigma`, [B, H, W]."""
+  return scoring.gaussian_blur(
+      scoring.recursion_error_map(dets, x, eval_cfg.recursion_reduce),
+      eval_cfg.map_sigma)
+
+
+def predict(params, images, extents=None, *, nets: inference.Networks, config,
+            normalisers=None):
   """Full inference: reconstructions, detail-restored ones, map, score.
   `extents` (int [B, 2], data.resize='keep_aspect'): each image's valid
-  region, the only place its score may come from; None: all of it."""
+  region, the only place its score may come from; None: all of it.
+  `normalisers` (eval.scoring='fused' only): fusion.py's stored medians."""
   x = inference.to_float(images)
   recs = inference.reconstructions(nets, params, x)
   dets = inference.details(nets, params, recs, x, inference.uses_dpn(config))
   if config.eval.scoring == 'crd':
-    amap = jax.nn.sigmoid(inference.crd_logits(nets, params, dets, x))[..., 0]
+    amap = crd_map(nets, params, dets, x)
   elif config.eval.scoring == 'recursion':
-    amap = scoring.gaussian_blur(
-        scoring.recursion_error_map(dets, x,
-                            config.eval.recursion_reduce),
-        config.eval.map_sigma)
+    amap = recursion_map(dets, x, config.eval)
+  elif config.eval.scoring == 'fused':
+    amap = fusion.fuse(crd_map(nets, params, dets, x),
+                       recursion_map(dets, x, config.eval), normalisers)
   else:
-    raise ValueError(f"eval.scoring must be 'crd' or 'recursion', got "
-                     f'{config.eval.scoring!r}')
+    raise ValueError(f"eval.scoring must be 'crd', 'recursion' or 'fused', "
+                     f'got {config.eval.scoring!r}')
   valid = (None if extents is None
            else geometry.valid_mask(extents, amap.shape[1:]))
   return {'recs': recs, 'details': dets, 'map': amap,
           'score': scoring.image_scores(amap, config.eval, valid)}
 
 
-def make_predict_fn(config, nets=None):
+def make_predict_fn(config, nets=None, normalisers=None):
+  """`predict` of `config`, jitted; `normalisers` are closed over as
+  constants (eval.scoring='fused')."""
   nets = nets or inference.build_networks(config.model)
-  return jax.jit(functools.partial(predict, nets=nets, config=config))
+  return jax.jit(functools.partial(predict, nets=nets, config=config,
+                                   normalisers=normalisers))
 
 
 def upsample(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -97,12 +97,17 @@ def recursion_error_map(dets: jax.Array, x: jax.Array,
                    f'got {reduce!r}')
 
 def check_scoring(config) -> None:
-  """CRD maps need a trained CRD (stage 3)."""
-  if config.eval.scoring == 'crd' and config.train.stage3.steps == 0:
-    raise ConfigError("config.eval.scoring='crd' needs stage 3: set "
+  """CRD maps (alone or fused) need a trained CRD (stage 3)."""
+  scoring = config.eval.scoring
+  if scoring in ('crd', 'fused') and config.train.stage3.steps == 0:
+    raise ConfigError(f"config.eval.scoring='{scoring}' needs stage 3: set "
                       "config.train.stage3.steps > 0 or "
                       "config.eval.scoring='recursion'")
   if config.mode == 'fusion_report' and config.train.stage3.steps == 0:
     raise ConfigError("config.mode='fusion_report' compares CRD's map with "
                       'the recursion map and needs stage 3: set '
+                      'config.train.stage3.steps > 0')
+  if config.mode == 'shortcut_report' and config.train.stage3.steps == 0:
+    raise ConfigError("config.mode='shortcut_report' re-scores CRD with its "
+                      'inputs replaced and needs stage 3: set '
                       'config.train.stage3.steps > 0')

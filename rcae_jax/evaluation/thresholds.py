@@ -1,5 +1,6 @@
 """Decision thresholds from held-out good images (no test label is looked
-at), and the evaluation of a good-only category, which is thresholds alone.
+at), the fused map's normalisers (eval.scoring='fused', fusion.py), and the
+evaluation of a good-only category, which is thresholds alone.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import numpy as np
 
 from rcae_jax.common import fileio
 from rcae_jax.data import geometry
+from rcae_jax.evaluation import fusion
 from rcae_jax.evaluation import loops
+from rcae_jax.evaluation import maps as maps_lib
 from rcae_jax.evaluation import report as report_lib
 
 
@@ -66,3 +69,30 @@ def thresholds_only(params, loader, config, workdir: str, predict_fn,
     fileio.write_text_atomic(os.path.join(workdir, 'results.md'),
                              report_lib.results_table(report))
   return report
+
+
+def fusion_normalisers(params, loader, config, workdir: str):
+  """eval.scoring='fused': the medians of CRD's map and of the recursion
+  map over the held-out good images' valid pixels (fusion.py), written to
+  <workdir>/fusion_normalisers.json; None for any other scoring."""
+  if config.eval.scoring != 'fused':
+    return None
+  pixels = {}
+  for part in ('crd', 'recursion'):
+    cfg = config.copy_and_resolve_references()
+    cfg.eval.scoring = part
+    maps = loops.run_predictions(params, loader, cfg, 'val',
+                                 maps_lib.make_predict_fn(cfg))[0]
+    pixels[part] = np.concatenate([geometry.crop(m, e).ravel() for m, e in
+                                   zip(maps, loader.extents('val'))])
+  normalisers = fusion.normalisers_from(pixels['crd'], pixels['recursion'])
+  stored = dict(normalisers, quantile=fusion.QUANTILE,
+                num_images=len(loader.extents('val')),
+                source=('held-out good training images' if
+                        loader.val_held_out else
+                        'training images (no held-out split)'))
+  if jax.process_index() == 0:
+    fileio.write_json_atomic(fusion.path(workdir), stored)
+  logging.info('Fused map normalisers (medians over %d %s): %s', stored[
+      'num_images'], stored['source'], normalisers)
+  return normalisers

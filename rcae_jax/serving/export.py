@@ -36,23 +36,26 @@ import jax.numpy as jnp
 from rcae_jax.common import fileio
 
 
-def predict_map_score(params, images, *, nets, config):
+def predict_map_score(params, images, *, nets, config, normalisers=None):
   """The deployed function: the anomaly map and the image score only."""
   from rcae_jax.evaluation import maps as maps_lib  # pylint: disable=g-import-not-at-top
-  out = maps_lib.predict(params, images, nets=nets, config=config)
+  out = maps_lib.predict(params, images, nets=nets, config=config,
+                         normalisers=normalisers)
   return {'map': out['map'], 'score': out['score']}
 
 
 def export_predict(params, config, path: str, *,
-                   platforms: Sequence[str] | None = None):
+                   platforms: Sequence[str] | None = None, normalisers=None):
   """Writes the serialised inference function of `config` with `params`
-  baked in to `path` (atomically); returns the `jax.export.Exported`."""
+  (and, for eval.scoring='fused', the `normalisers`) baked in to `path`
+  (atomically); returns the `jax.export.Exported`."""
   from rcae_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
   from rcae_jax.model import inference  # pylint: disable=g-import-not-at-top
   scoring.check_scoring(config)
   size = int(config.data.image_size)
   nets = inference.build_networks(config.model)
-  fn = functools.partial(predict_map_score, params, nets=nets, config=config)
+  fn = functools.partial(predict_map_score, params, nets=nets, config=config,
+                         normalisers=normalisers)
   shape = jax.export.symbolic_shape(f'b, {size}, {size}, 3')
   spec = jax.ShapeDtypeStruct(shape, jnp.uint8)
   kwargs = {} if platforms is None else {'platforms': tuple(platforms)}
@@ -117,12 +120,17 @@ def run_export(config, workdir: str) -> dict:
   thresholds.json; returns model.json's contents."""
   from rcae_jax.serving import params as params_lib  # pylint: disable=g-import-not-at-top
   from rcae_jax.serving import predict  # pylint: disable=g-import-not-at-top
+  from rcae_jax.evaluation import fusion  # pylint: disable=g-import-not-at-top
   thresholds = predict.load_thresholds(workdir)
+  normalisers = fusion.for_config(config, workdir)
   params = jax.device_get(params_lib.load_params(config, workdir))
   out = os.path.join(workdir, EXPORT_FOLDER)
   exported = export_predict(params, config, os.path.join(out, FUNCTION_FILE),
-                            platforms=config.export.platforms or None)
+                            platforms=config.export.platforms or None,
+                            normalisers=normalisers)
   meta = describe(exported, config, thresholds)
+  if normalisers is not None:  # Informational: the artefact holds them.
+    meta['fusion_normalisers'] = normalisers
   fileio.write_json_atomic(os.path.join(out, MODEL_JSON), meta)
   with open(SERVE_SOURCE, 'rb') as f:
     fileio.write_bytes_atomic(os.path.join(out, SERVE_SCRIPT), f.read())

@@ -38,6 +38,7 @@ from rcae_jax.data import tiling as tiling_lib
 from rcae_jax.evaluation import scoring
 from rcae_jax.evaluation import maps as maps_lib
 from rcae_jax.evaluation import export_maps
+from rcae_jax.evaluation import fusion
 from rcae_jax.evaluation import visualize
 from rcae_jax.serving import params as params_lib
 from rcae_jax.serving import predict_inputs
@@ -188,6 +189,7 @@ def predict_files(config, workdir: str) -> dict:
   """Scores `config.predict.inputs`; returns {'predictions': every row of
   the report, 'summary': counts, 'message': the summary line}."""
   thresholds = load_thresholds(workdir)
+  fusion.for_config(config, workdir)  # Fails now, not after the listing.
   out_dir = config.predict.output or os.path.join(workdir, 'predictions')
   inputs = predict_inputs.list_inputs(config.predict.inputs, skip=out_dir)
   fileio.makedirs(out_dir)
@@ -214,7 +216,8 @@ def score_all(config, workdir, todo, report, thresholds, out_dir) -> None:
   every `predict.flush_seconds` (and whatever is pending on the way out,
   also on an exception or Ctrl-C)."""
   params = params_lib.load_params(config, workdir)
-  predict_fn = maps_lib.make_predict_fn(config)
+  predict_fn = maps_lib.make_predict_fn(
+      config, normalisers=fusion.for_config(config, workdir))
   start = last_flush = time.monotonic()
   pending, done, errors = [], 0, 0
   try:
