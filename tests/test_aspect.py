@@ -165,7 +165,7 @@ def test_maps_align_with_masks_and_padding_counts_nowhere(
                           'eval.pixel_resolution': resolution,
                           'eval.scoring': 'recursion',
                           'eval.pictures_per_type': 1})
-  monkeypatch.setattr(evaluate, 'make_predict_fn', _brightness_predict_fn)
+  monkeypatch.setattr(maps_lib, 'make_predict_fn', _brightness_predict_fn)
   loader = input_pipeline.make_loader(config.data, files, files.train[:2])
   workdir = str(tmp_path / 'wd')
   report = evaluate.evaluate(None, loader, config, workdir)['long']

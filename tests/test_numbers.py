@@ -234,7 +234,7 @@ def test_thresholds_come_from_the_held_out_split_only(tmp_path, monkeypatch):
     return real(batch_size, split)
 
   monkeypatch.setattr(loader, 'test_batches', recording)
-  monkeypatch.setattr(evaluate, 'make_predict_fn', fake_predict_fn)
+  monkeypatch.setattr(maps_lib, 'make_predict_fn', fake_predict_fn)
   evaluate.evaluate({}, loader, config, workdir)
   thresholds = evaluate.fileio.read_json(os.path.join(workdir,
                                                       'thresholds.json'))

@@ -229,7 +229,7 @@ def test_a_defect_smaller_than_a_tile_is_found_in_a_large_image(
   root = _category(tmp_path / 'data', 'big', [(256, 256)] * 2, (256, 256),
                    defects)
   files = folder.discover(root, 'big')
-  monkeypatch.setattr(evaluate, 'make_predict_fn', _brightness_predict_fn)
+  monkeypatch.setattr(maps_lib, 'make_predict_fn', _brightness_predict_fn)
   peaks = {}
   for tile in (0, 32):
     config = make_config(**{'data.tile_size': tile,
