@@ -21,8 +21,8 @@ from rcae_jax.training import anomalies
 def _stage(steps: int, batch_size: int) -> ml_collections.ConfigDict:
   """One training stage's fields (commented in get_config)."""
   return ml_collections.ConfigDict(dict(
-      steps=steps, learning_rate=1e-3, schedule='constant', warmup_steps=0,
-      clip_norm=1.0, batch_size=batch_size))
+      steps=steps, epochs=0, learning_rate=1e-3, schedule='constant',
+      warmup_steps=0, clip_norm=1.0, batch_size=batch_size))
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -178,7 +178,13 @@ def get_config() -> ml_collections.ConfigDict:
   # 1e-4 for 1500/400/300 epochs; 1e-3 suits our short CPU runs);
   # `schedule` 'constant' (paper: none stated) or 'cosine' (linear warmup
   # over `warmup_steps`, then cosine decay to 0); global-norm gradient
-  # clipping at `clip_norm`; `batch_size` (0 = train.batch_size).
+  # clipping at `clip_norm`; `batch_size` (0 = train.batch_size);
+  # `epochs` (0 = off): when > 0 the stage trains that many passes over the
+  # category's real training set (train/good less the held-out images; grid
+  # tiles with data.tile_sampling='grid'), steps = ceil(epochs * images /
+  # batch size), computed when the data is read, logged and written to
+  # <workdir>/config.json; it replaces `steps` (configs/tpu.py: the paper's
+  # 1500 / 400 / 300 epochs).
   # Stage 1: RcAE (E, D) on normal images; L1 + gradient L1.
   train.stage1 = _stage(steps=1000, batch_size=0)
   # Stage 2: DPN with RcAE frozen; 0 steps skips it (ablation "no DPN").
@@ -245,10 +251,26 @@ def get_config() -> ml_collections.ConfigDict:
   # Picture panels (input, each depth, detail-restored, overlay) for this
   # many test images per defect type (0 = none), plus ROC/PRO curves.
   ev.pictures_per_type = 2
-  # Thresholds from the held-out good images: image = this quantile of
-  # their scores, pixel = `pixel_quantile` of their map values.
+  # How the decision thresholds in <workdir>/thresholds.json are set
+  # (ours; rcae_jax/evaluation/thresholds.py; its 'method' key says which):
+  # 'quantile' (no labels: the quantiles below of held-out good training
+  # images), 'f1' (F1-optimal on a labelled validation split: the
+  # `f1_val_fraction` of the test images below, held out of the reported
+  # metrics) or 'fixed' (the values below).
+  ev.threshold = 'quantile'
+  # 'quantile': image = this quantile of the held-out good images' scores
+  # (about 1% of good images flagged), pixel = `pixel_quantile` of their
+  # map values.
   ev.image_quantile = 0.99
   ev.pixel_quantile = 0.999
+  # 'f1': fraction of the test images of each label (good, defective; at
+  # least one of each) held out to choose the thresholds on; metrics.json
+  # then covers the other test images only.
+  ev.f1_val_fraction = 0.25
+  # 'fixed': the image-score threshold (> 0), and the pixel threshold
+  # (0 = the 'quantile' one).
+  ev.fixed_image_threshold = 0.0
+  ev.fixed_pixel_threshold = 0.0
   # AU-PRO integration limit (false-positive rate).
   ev.pro_fpr_limit = 0.3
   # Gaussian blur (sigma, px) of the recursion-error map; 0 = none.
@@ -274,6 +296,11 @@ def get_config() -> ml_collections.ConfigDict:
   # at most every this many seconds (ours): what an interrupted run can
   # lose. 0 = after every batch.
   pr.flush_seconds = 10.0
+  # Write each image's float32 TIFF map (<name>.tiff) and overlay PNG
+  # (<name>.overlay.png) (ours). False skips them on high-volume lines:
+  # predictions.csv / .json still give every score and decision.
+  pr.write_maps = True
+  pr.write_overlays = True
 
   # -------------------------------------------------------------- export
   config.export = ex = ml_collections.ConfigDict()
