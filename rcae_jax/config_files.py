@@ -5,7 +5,9 @@ A workdir remembers its config: `run.save_config` writes the resolved
 config to <workdir>/config.json. When `--config` is absent, main passes
 `--config=<this file>:<workdir>/config.json`; ml_collections' config_flags
 then calls `get_config(path)` below, and `--config.X=Y` overrides apply to
-the rebuilt config as they would to a config file's.
+the rebuilt config as they would to a config file's. The mode is not
+remembered: it is 'train' (resume or finish the run) unless --config.mode
+says otherwise.
 
 Derived configs (configs/cpu_real.py builds on real_128.py, which builds on
 default.py) load their base with `base(__file__, 'default')`: by path,
@@ -81,6 +83,9 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
   if config is None:
     config = ml_collections.ConfigDict()
   _merge(config, saved)
+  # The mode is what to do now, not a setting of the run: --config.mode
+  # says it, and without it a rerun resumes (or finishes) the training.
+  config.mode = 'train'
   return config
 
 
