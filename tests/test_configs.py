@@ -143,3 +143,39 @@ def test_a_stage_in_epochs_trains_epochs_of_the_real_train_set(
 def test_negative_epochs_are_refused(make_config):
   with pytest.raises(validate.ConfigError, match='stage2.epochs'):
     validate.validate(make_config(**{'train.stage2.epochs': -1}))
+
+
+# ------------------------------------------- a workdir's saved config
+def test_saved_config_round_trips_with_its_types():
+  """config.json -> ConfigDict: tuples come back as tuples, the record
+  keys go, data.image_size still takes S or (H, W) on the command line,
+  and the mode is 'train' unless --config.mode says otherwise."""
+  from rcae_jax import config_files  # pylint: disable=g-import-not-at-top
+  config = load_config('benchmark')
+  config.data.image_size = (64, 96)
+  config.model.depth = 3
+  saved = json.loads(json.dumps(dict(config.to_dict(),
+                                     resolved_data={'root': 'x'})))
+  restored = config_files.from_saved(saved)
+  assert restored.benchmark.image_sizes == (256, 1024)
+  assert restored.data.image_size == (64, 96)
+  assert restored.model.depth == 3 and restored.mode == 'train'
+  assert 'resolved_data' not in restored
+  restored.data.image_size = 128  # The field keeps its type: object.
+  expected = config.to_dict()
+  expected.update(mode='train')
+  restored.data.image_size = (64, 96)
+  assert restored.to_dict() == expected
+
+
+def test_saved_config_of_an_older_workdir_gets_new_fields_defaults():
+  """A workdir written before a field existed loads, the field at its
+  default (which keeps the old behaviour), and can be overridden."""
+  from rcae_jax import config_files  # pylint: disable=g-import-not-at-top
+  saved = load_config('smoke').to_dict()
+  del saved['predict']['write_maps']
+  del saved['eval']['threshold']
+  restored = config_files.from_saved(saved)
+  assert restored.predict.write_maps is True
+  assert restored.eval.threshold == 'quantile'
+  assert restored.model.width == 4  # The saved value, not the default's.
