@@ -10,7 +10,10 @@ measured wall time on 2 CPU cores and the metrics it writes to
 workdirs/default/metrics.json (image and pixel AUROC >= 0.90).
 
 Every field is commented. Override any of them on the command line, e.g.
-`--config.model.depth=3 --config.train.stage1.steps=100`.
+`--config.model.depth=3 --config.train.stage1.steps=100`. A trained
+workdir remembers its config (<workdir>/config.json): later commands on it
+need only --workdir and the fields they change, e.g.
+`--workdir DIR --config.mode=predict --config.predict.inputs=FOLDER`.
 """
 
 import ml_collections
@@ -28,15 +31,18 @@ def _stage(steps: int, batch_size: int) -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
-  # What main does: 'train' (all stages, then evaluate), 'evaluate' (load
-  # the latest checkpoint in --workdir and evaluate it), 'predict' (score
-  # new images), 'export' (write <workdir>/export/: the inference function
-  # as StableHLO for serving without this code; ours), 'benchmark'
-  # (inference latency), 'depth_report'
-  # (per-depth reconstruction errors on defects vs elsewhere, before and
-  # after DPN: rcae_jax/tools/depth_report.py) or 'fusion_report' (test metrics
-  # of CRD's map, the recursion map and fusions of the two:
-  # rcae_jax/tools/fusion_report.py).
+  # What main does (`python -m rcae_jax.main --help` lists them): 'train'
+  # (all stages, then evaluate; rerun to resume), 'evaluate' (load the
+  # latest checkpoint in --workdir, score the test set, set thresholds),
+  # 'predict' (score new images: predict.inputs), 'export' (write
+  # <workdir>/export/: the inference function as StableHLO for serving
+  # without this code; ours). Research tools: 'benchmark' (inference
+  # latency), 'depth_report' (per-depth reconstruction errors on defects vs
+  # elsewhere, before and after DPN: rcae_jax/tools/depth_report.py),
+  # 'fusion_report' (test metrics of CRD's map, the recursion map and
+  # fusions of the two: rcae_jax/tools/fusion_report.py). On a workdir
+  # that has a config.json, --config may be left out: that config is used
+  # with mode 'train' unless --config.mode says otherwise.
   config.mode = 'train'
   # Seed for parameters, batch order, depth sampling and pseudo-anomalies.
   config.seed = 0
