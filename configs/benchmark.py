@@ -15,9 +15,9 @@ read and nothing is trained; TensorFlow is not needed.
 
 Hardware: one GPU / TPU (runs on CPU too, slowly). Analytic cost
 (rcae_jax/model/flops.py): 657 GFLOP per 256^2 image, 10.5 TFLOP per 1024^2
-image. Expected speed, not yet measured with this config: docs/performance.md
-reports a similar but smaller network (4.5 M parameters, ~536 GFLOP per
-256^2 image) at 5.7 ms per image at batch 1 in bfloat16 and ~400 images/s
+image. Expected speed, not yet measured with this config: an earlier test
+of a similar but smaller network (4.5 M parameters, ~536 GFLOP per
+256^2 image) measured 5.7 ms per image at batch 1 in bfloat16 and ~400 images/s
 at batch 16 on one H200. The default sweep compiles 16 programs (2 sizes x
 2 dtypes x 4 batch sizes). Memory: XLA:CPU's memory analysis of the
 compiled program gives ~0.18 GiB of temporaries per 256^2 image and ~3 GiB
@@ -32,19 +32,14 @@ On CPU use small sizes, e.g.
       --config.benchmark.batch_sizes='(1,)' --config.benchmark.iters=5
 """
 
-import os
-import sys
-
 import ml_collections
 
-# configs/ is not a package: derived configs import the base by path, so
-# `--config configs/<name>.py` works from anywhere.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rcae_jax import config_files
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = default.get_config()
+  # The base config, loaded by path from beside this file.
+  config = config_files.base(__file__, 'default')
 
   # What main does: time the inference function (rcae_jax/tools/benchmark.py).
   config.mode = 'benchmark'

@@ -42,19 +42,14 @@ it on KolektorSDD but beat CRD's pixel metrics on capsules (pixel AUROC
 equal compute"): on smooth objects, also try `--config.eval.scoring=recursion`.
 """
 
-import os
-import sys
-
 import ml_collections
 
-# configs/ is not a package: derived configs import the base by path, so
-# `--config configs/<name>.py` works from anywhere.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import real_128  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rcae_jax import config_files
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = real_128.get_config()
+  # The base config, loaded by path from beside this file.
+  config = config_files.base(__file__, 'real_128')
   # Stage 1 (RcAE) steps of 16 images: ~100 epochs of grid's 238 training
   # images; stage 1 costs ~0.6 s a step here, a fifth of a stage-3 step.
   config.train.stage1.steps = 1500

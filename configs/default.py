@@ -10,7 +10,10 @@ measured wall time on 2 CPU cores and the metrics it writes to
 workdirs/default/metrics.json (image and pixel AUROC >= 0.90).
 
 Every field is commented. Override any of them on the command line, e.g.
-`--config.model.depth=3 --config.train.stage1.steps=100`.
+`--config.model.depth=3 --config.train.stage1.steps=100`. A trained
+workdir remembers its config (<workdir>/config.json): later commands on it
+need only --workdir and the fields they change, e.g.
+`--workdir DIR --config.mode=predict --config.predict.inputs=FOLDER`.
 """
 
 import ml_collections
@@ -21,24 +24,28 @@ from rcae_jax.training import anomalies
 def _stage(steps: int, batch_size: int) -> ml_collections.ConfigDict:
   """One training stage's fields (commented in get_config)."""
   return ml_collections.ConfigDict(dict(
-      steps=steps, learning_rate=1e-3, schedule='constant', warmup_steps=0,
-      clip_norm=1.0, batch_size=batch_size))
+      steps=steps, epochs=0, learning_rate=1e-3, schedule='constant',
+      warmup_steps=0, clip_norm=1.0, batch_size=batch_size))
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
-  # What main does: 'train' (all stages, then evaluate), 'evaluate' (load
-  # the latest checkpoint in --workdir and evaluate it), 'predict' (score
-  # new images), 'export' (write <workdir>/export/: the inference function
-  # as StableHLO for serving without this code; ours), 'benchmark'
-  # (inference latency), 'depth_report'
-  # (per-depth reconstruction errors on defects vs elsewhere, before and
-  # after DPN: rcae_jax/tools/depth_report.py), 'fusion_report' (test metrics
-  # of CRD's map, the recursion map and fusions of the two:
-  # rcae_jax/tools/fusion_report.py) or 'shortcut_report' (test metrics of
-  # CRD fed the real I_D^n, I, or flat grey instead, beside the recursion
-  # map: does CRD use the recursion? rcae_jax/tools/shortcut_report.py).
+  # What main does (`python -m rcae_jax.main --help` lists them): 'train'
+  # (all stages, then evaluate; rerun to resume), 'evaluate' (load the
+  # latest checkpoint in --workdir, score the test set, set thresholds),
+  # 'predict' (score new images: predict.inputs), 'export' (write
+  # <workdir>/export/: the inference function as StableHLO for serving
+  # without this code; ours). Research tools: 'benchmark' (inference
+  # latency), 'depth_report' (per-depth reconstruction errors on defects vs
+  # elsewhere, before and after DPN: rcae_jax/tools/depth_report.py),
+  # 'fusion_report' (test metrics of CRD's map, the recursion map and
+  # fusions of the two: rcae_jax/tools/fusion_report.py), 'shortcut_report'
+  # (test metrics of CRD fed the real I_D^n, I, or flat grey instead,
+  # beside the recursion map: does CRD use the recursion?
+  # rcae_jax/tools/shortcut_report.py). On a workdir
+  # that has a config.json, --config may be left out: that config is used
+  # with mode 'train' unless --config.mode says otherwise.
   config.mode = 'train'
   # Seed for parameters, batch order, depth sampling and pseudo-anomalies.
   config.seed = 0
@@ -180,7 +187,13 @@ def get_config() -> ml_collections.ConfigDict:
   # 1e-4 for 1500/400/300 epochs; 1e-3 suits our short CPU runs);
   # `schedule` 'constant' (paper: none stated) or 'cosine' (linear warmup
   # over `warmup_steps`, then cosine decay to 0); global-norm gradient
-  # clipping at `clip_norm`; `batch_size` (0 = train.batch_size).
+  # clipping at `clip_norm`; `batch_size` (0 = train.batch_size);
+  # `epochs` (0 = off): when > 0 the stage trains that many passes over the
+  # category's real training set (train/good less the held-out images; grid
+  # tiles with data.tile_sampling='grid'), steps = ceil(epochs * images /
+  # batch size), computed when the data is read, logged and written to
+  # <workdir>/config.json; it replaces `steps` (configs/tpu.py: the paper's
+  # 1500 / 400 / 300 epochs).
   # Stage 1: RcAE (E, D) on normal images; L1 + gradient L1.
   train.stage1 = _stage(steps=1000, batch_size=0)
   # Stage 2: DPN with RcAE frozen; 0 steps skips it (ablation "no DPN").
@@ -251,10 +264,26 @@ def get_config() -> ml_collections.ConfigDict:
   # Picture panels (input, each depth, detail-restored, overlay) for this
   # many test images per defect type (0 = none), plus ROC/PRO curves.
   ev.pictures_per_type = 2
-  # Thresholds from the held-out good images: image = this quantile of
-  # their scores, pixel = `pixel_quantile` of their map values.
+  # How the decision thresholds in <workdir>/thresholds.json are set
+  # (ours; rcae_jax/evaluation/thresholds.py; its 'method' key says which):
+  # 'quantile' (no labels: the quantiles below of held-out good training
+  # images), 'f1' (F1-optimal on a labelled validation split: the
+  # `f1_val_fraction` of the test images below, held out of the reported
+  # metrics) or 'fixed' (the values below).
+  ev.threshold = 'quantile'
+  # 'quantile': image = this quantile of the held-out good images' scores
+  # (about 1% of good images flagged), pixel = `pixel_quantile` of their
+  # map values.
   ev.image_quantile = 0.99
   ev.pixel_quantile = 0.999
+  # 'f1': fraction of the test images of each label (good, defective; at
+  # least one of each) held out to choose the thresholds on; metrics.json
+  # then covers the other test images only.
+  ev.f1_val_fraction = 0.25
+  # 'fixed': the image-score threshold (> 0), and the pixel threshold
+  # (0 = the 'quantile' one).
+  ev.fixed_image_threshold = 0.0
+  ev.fixed_pixel_threshold = 0.0
   # AU-PRO integration limit (false-positive rate).
   ev.pro_fpr_limit = 0.3
   # Gaussian blur (sigma, px) of the recursion-error map; 0 = none.
@@ -280,6 +309,11 @@ def get_config() -> ml_collections.ConfigDict:
   # at most every this many seconds (ours): what an interrupted run can
   # lose. 0 = after every batch.
   pr.flush_seconds = 10.0
+  # Write each image's float32 TIFF map (<name>.tiff) and overlay PNG
+  # (<name>.overlay.png) (ours). False skips them on high-volume lines:
+  # predictions.csv / .json still give every score and decision.
+  pr.write_maps = True
+  pr.write_overlays = True
 
   # -------------------------------------------------------------- export
   config.export = ex = ml_collections.ConfigDict()

@@ -28,19 +28,14 @@ model and ~33-64 stage-1 epochs instead of 1500 (configs/tpu.py is the
 paper-sized setting).
 """
 
-import os
-import sys
-
 import ml_collections
 
-# configs/ is not a package: derived configs import the base by path, so
-# `--config configs/<name>.py` works from anywhere.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rcae_jax import config_files
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = default.get_config()
+  # The base config, loaded by path from beside this file.
+  config = config_files.base(__file__, 'default')
   # Model input size (square); real images are resized to it.
   config.data.image_size = 128
   # Base width of CRD: 4 (the default's) was too small to learn from the

@@ -8,17 +8,12 @@ not that it detects anything. Used by the tests. Expected: about 30-60 s
 on 2 CPU cores, mostly compilation; metrics are near chance.
 """
 
-import os
-import sys
-
-# configs/ is not a package: derived configs import the base by path, so
-# `--config configs/<name>.py` works from anywhere.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rcae_jax import config_files
 
 
 def get_config():
-  config = default.get_config()
+  # The base config, loaded by path from beside this file.
+  config = config_files.base(__file__, 'default')
   config.data.synthetic_train = 8
   config.data.synthetic_test_good = 4
   config.data.synthetic_test_per_defect = 2

@@ -21,19 +21,14 @@ What the paper fixes (docs/method.md,
 Widths, residual blocks and the batch size are ours (see
 docs/method.md).
 
-Epochs -> steps. Our trainer counts optimiser steps per stage, so each stage
-has both `epochs` (the paper's number) and `steps`, derived as
-
-    steps = epochs * ceil(data.assumed_train_images / train.batch_size)
-
-`data.assumed_train_images` (default 250) stands in for the category's real
-train-set size, which is only known once the data is read (MVTec-AD
-categories have 60 to 391 good train images, e.g. bottle 209, screw 320,
-toothbrush 60). The derivation is lazy (ml_collections FieldReference), so
-`--config.train.batch_size=32` or `--config.data.assumed_train_images=209`
-recompute the steps, while `--config.train.stageN.steps=K` overrides one
-stage outright. Code that knows the real image count may convert epochs to
-steps at start instead; the `epochs` fields are here for that.
+Epochs -> steps. Each stage sets `epochs` (the paper's number); when the
+data is read, run.prepare turns it into that many passes over the
+category's real training set at the stage's own batch size, steps =
+ceil(epochs * images / batch size) (MVTec-AD: bottle 209 good train
+images, screw 320, toothbrush 60, less the data.val_fraction held out),
+logs it and writes the steps to <workdir>/config.json.
+`--config.train.stage1.epochs=0 --config.train.stage1.steps=K` sets a
+stage's steps directly instead.
 
 Hardware and expected result: NO timing was measured for this config -- no
 TPU was available in the environment where it was written, and nothing here
@@ -44,20 +39,9 @@ divisible by the number of devices (v5litepod-8: 8 chips; v4-32: 16 chips);
 raise `train.batch_size` for bigger slices.
 """
 
-import os
-import sys
-
 import ml_collections
 
-# configs/ is not a package: derived configs import the base by path, so
-# `--config configs/<name>.py` works from anywhere.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import default  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-
-def _ceil_div(numerator, denominator):
-  """ceil(a / b) for ints or FieldReferences (stays lazy for references)."""
-  return -((-numerator) // denominator)
+from rcae_jax import config_files
 
 
 # The paper's epochs per stage (**P**).
@@ -65,7 +49,8 @@ PAPER_EPOCHS = {1: 1500, 2: 400, 3: 300}
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = default.get_config()
+  # The base config, loaded by path from beside this file.
+  config = config_files.base(__file__, 'default')
   data, model, train = config.data, config.model, config.train
 
   # ---------------------------------------------------------------- data
@@ -80,9 +65,6 @@ def get_config() -> ml_collections.ConfigDict:
   data.image_size = 1024
   # tf.data pipeline (TensorFlow is in requirements.txt).
   data.loader = 'tfdata'
-  # Assumed good train images per category, ONLY used to turn the paper's
-  # epochs into steps below (MVTec-AD: 60 to 391 per category).
-  data.assumed_train_images = 250
 
   # --------------------------------------------------------------- model
   # N = 5 recursion steps at test time (**P**).
@@ -104,16 +86,11 @@ def get_config() -> ml_collections.ConfigDict:
   # A checkpoint every 500 steps (and at every stage end): what a Spot VM
   # preemption can cost at most.
   train.checkpoint_every = 500
-  # Steps per epoch under the assumption above, lazily derived.
-  steps_per_epoch = _ceil_div(data.get_ref('assumed_train_images'),
-                              train.get_ref('batch_size'))
   for stage, epochs in PAPER_EPOCHS.items():
     cfg = train[f'stage{stage}']
-    # The paper's epochs for this stage (**P**).
+    # The paper's epochs for this stage (**P**), over the category's real
+    # training set: `steps` is computed from them when the data is read.
     cfg.epochs = epochs
-    # = epochs * ceil(assumed_train_images / batch_size); with the defaults
-    # 24000 / 6400 / 4800 steps. Override to set the steps directly.
-    cfg.steps = cfg.get_ref('epochs') * steps_per_epoch
     # Adam learning rate 1e-4 (**P**).
     cfg.learning_rate = 1e-4
 

@@ -1,7 +1,33 @@
-"""Command line: python -m rcae_jax.main --config configs/X.py --workdir DIR."""
+"""rcae_jax: RcAE anomaly detection. Train on good images, then score new ones.
+
+  python -m rcae_jax.main --config CONFIG.py --workdir DIR [--config.FIELD=VALUE ...]
+
+Modes (--config.mode=..., default 'train'):
+  train          train all three stages into DIR, then evaluate (rerun to resume)
+  evaluate       score DIR's test set with its latest checkpoint: metrics.json,
+                 thresholds.json (eval.threshold: quantile | f1 | fixed)
+  predict        score new images: --config.predict.inputs=FOLDER; maps, overlays,
+                 DIR/predictions/predictions.csv with an OK/DEFECT decision each
+  export         write DIR/export/: the inference function as StableHLO
+Research tools (reports on a trained workdir, not needed to use the model):
+  benchmark      inference latency and throughput (configs/benchmark.py)
+  depth_report   reconstruction error per recursion depth on defects
+  fusion_report  test metrics of CRD's map, the recursion map and fusions
+  (separate command lines: python -m rcae_jax.tools.pipeline_benchmark --help,
+   python -m rcae_jax.tools.scaling_benchmark --help,
+   python -m rcae_jax.evaluation.learning_curves DIR: redraw DIR's curves)
+
+A workdir remembers its config (DIR/config.json): on an existing workdir
+--config may be left out, and --config.X=Y changes only X, e.g.
+  python -m rcae_jax.main --workdir DIR --config.mode=predict --config.predict.inputs=FOLDER
+A new workdir needs --config: configs/default.py (built-in data) or
+configs/cpu_real.py (your own folder: --config.data.root, --config.data.category).
+Every field and what it does: configs/default.py.
+"""
 
 import logging as std_logging
 import os
+import re
 import sys
 import warnings
 
@@ -23,11 +49,13 @@ from rcae_jax.common import workdir_lock
 from rcae_jax.data import folder
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs, metrics.')
-config_flags.DEFINE_config_file('config', None, 'Config file (get_config()).',
-                                lock_config=True)
-flags.mark_flags_as_required(['config', 'workdir'])
-
+flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs, metrics '
+                    '(local or gs://).')
+config_flags.DEFINE_config_file(
+    'config', None, 'Config file (get_config()), e.g. configs/default.py, '
+    'whose comments say what every field does. Optional on a workdir that '
+    'has a config.json: that config is used.', lock_config=True)
+flags.mark_flags_as_required(['workdir'])
 
 class _QuietOrbax:
   """Drops Orbax's INFO chatter (a dozen lines per checkpoint); its
@@ -89,7 +117,6 @@ def fail(message: str) -> None:
   about its writes that were never awaited ("coroutine ... was never
   awaited", a RuntimeWarning at garbage collection). They say nothing new,
   so they are silenced here, on the way out only."""
-  logging.error('%s', message)
   std_logging.getLogger('asyncio').disabled = True
   sys.unraisablehook = lambda unraisable: None
   warnings.simplefilter('ignore')
@@ -99,7 +126,8 @@ def fail(message: str) -> None:
 # Errors whose message is the whole story: one line, no traceback.
 ONE_LINE_ERRORS = (validate.ConfigError, folder.DataError,
                    workdir_lock.WorkdirLocked, checkpoints.CheckpointError,
-                   checkpoints.CheckpointWriteError, fileio.WriteError)
+                   checkpoints.CheckpointWriteError, fileio.WriteError,
+                   run_lib.WorkdirError)
 
 
 def disk_full_hint(error: Exception, workdir: str):
@@ -127,17 +155,85 @@ def out_of_memory_hint(error: Exception):
           f'XLA said: {text.splitlines()[0][:300]}')
 
 
-def parse_flags(argv):
-  """absl's parsing, with an unknown config key as one clear line (the
-  override parser raises AttributeError/KeyError from deep inside)."""
+def _flag_value(argv, name: str):
+  """The value of --name=V or --name V in argv, else None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      return arg.split('=', 1)[1]
+    if arg == f'--{name}' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def with_saved_config(argv):
+  """argv with `--config=<config_files.py>:<workdir>/config.json` added
+  when --config is absent, so that a workdir's own config is used (--help
+  and a missing --workdir are left to absl)."""
+  if any(a.split('=')[0] in ('--config', '-help', '--help', '--helpfull',
+                             '--helpshort', '-h') for a in argv[1:]):
+    return argv
+  workdir = _flag_value(argv, 'workdir')
+  if not workdir:
+    return argv
+  saved = os.path.join(workdir, 'config.json')
+  if not fileio.exists(saved):
+    where = ('does not exist' if not fileio.exists(workdir) else
+             'has no config.json (it was never trained)')
+    sys.exit(f'rcae_jax: error: no --config given and --workdir {workdir} '
+             f'{where}: to train a new workdir give a config, e.g. --config '
+             'configs/default.py (built-in data) or --config '
+             'configs/cpu_real.py --config.data.root=FOLDER '
+             '--config.data.category=NAME (your images); to use a trained '
+             'one, give its --workdir')
+  from rcae_jax import config_files  # pylint: disable=g-import-not-at-top
   try:
-    return FLAGS(argv)
+    config_files.read_saved(saved)
+  except (OSError, ValueError) as e:
+    sys.exit(f'rcae_jax: error: cannot read {saved} ({type(e).__name__}: '
+             f'{str(e).splitlines()[0] if str(e) else ""}): give --config '
+             'explicitly')
+  return [argv[0], f'--config={config_files.__file__}:{saved}'] + argv[1:]
+
+
+def unknown_field_message(error: Exception, argv) -> str:
+  """One line for a --config.X override naming a field that does not
+  exist (ml_collections raises a KeyError/AttributeError whose text holds
+  the quoted, escaped name and maybe a 'Did you mean "Y"' suggestion)."""
+  text = str(error.args[0]) if error.args else str(error)
+  found = re.search(r'[A-Za-z_]\w*', text)
+  name = found.group(0) if found else '?'
+  overrides = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+  bad = [a for a in overrides if name in a.split('.')] or overrides
+  suggestion = re.search(r'Did you mean\W+(\w+)', text)
+  hint = f" (did you mean '{suggestion.group(1)}'?)" if suggestion else ''
+  where = f' in {", ".join(bad)}' if bad else ''
+  return (f'unknown config field {name!r}{where}{hint}; every field and '
+          'what it does is in configs/default.py')
+
+
+def parse_flags(argv):
+  """absl's parsing, with every mistake as one line: an unknown config key
+  (the override parser raises AttributeError/KeyError from deep inside),
+  a config file that cannot be loaded, a missing --config on a workdir
+  that has none saved."""
+  argv = with_saved_config(argv)
+  try:
+    parsed = FLAGS(argv)
+    if FLAGS.config is None and not any(
+        a.split('=')[0] in ('--help', '--helpfull', '--helpshort', '-h')
+        for a in argv[1:]):
+      sys.exit('rcae_jax: error: --config is required for a new workdir '
+               '(e.g. --config configs/default.py); see --help')
+    FLAGS.config.mode  # A config file that failed to load raises here.  pylint: disable=pointless-statement
+    return parsed
   except (AttributeError, KeyError) as e:
-    bad = [a for a in argv[1:] if a.startswith('--config.')]
-    sys.exit(f'rcae_jax: error: unknown config field {e} in {bad}; see the '
-             'config file for the fields that exist')
+    sys.exit('rcae_jax: error: ' + unknown_field_message(e, argv))
+  except OSError:
+    path = _flag_value(argv, 'config')
+    sys.exit(f'rcae_jax: error: cannot load the config file {path!r} '
+             f'(--config): check the path, e.g. configs/default.py')
   except flags.Error as e:
-    sys.exit(f'rcae_jax: error: {e}')
+    sys.exit('rcae_jax: error: ' + ' '.join(str(e).split()))
 
 
 if __name__ == '__main__':

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 
 import jax
@@ -28,10 +30,85 @@ from rcae_jax.training import train
 
 # Modes that load a trained workdir and summarise its test set.
 REPORT_MODES = ('depth_report', 'fusion_report', 'shortcut_report')
+# Modes that need a trained workdir (its checkpoints).
+TRAINED_MODES = ('evaluate', 'predict', 'export') + REPORT_MODES
+# The split of labelled test images held out for eval.threshold='f1'
+# (Loader.examples[LABELLED_VAL]; thresholds.choose_thresholds reads it).
+LABELLED_VAL = 'labelled_val'
+
+
+class WorkdirError(ValueError):
+  """--workdir is not what the mode needs (e.g. predict on an untrained
+  workdir); the message says what to run first."""
+
+
+def check_workdir(config, workdir: str) -> None:
+  """One line naming what to do when `config.mode` needs a trained
+  workdir and `workdir` is not one (before anything is compiled)."""
+  if config.mode not in TRAINED_MODES:
+    return
+  if not checkpoints.complete_steps(os.path.join(workdir, 'checkpoints')):
+    raise WorkdirError(
+        f"config.mode='{config.mode}' needs a trained workdir, and {workdir} "
+        'has no checkpoint: train it first (--config.mode=train, the '
+        'default), or give the --workdir of a trained run')
+  if (config.mode in ('predict', 'export') and
+      not fileio.exists(os.path.join(workdir, 'thresholds.json'))):
+    raise WorkdirError(
+        f'{workdir} has checkpoints but no thresholds.json (training did not '
+        'reach its evaluation): run --config.mode=evaluate on it first, or '
+        'rerun the training command to finish it')
+
+
+def stage_batch_size(config, stage: int) -> int:
+  """The global batch size stage `stage` trains with."""
+  return config.train[f'stage{stage}'].batch_size or config.train.batch_size
+
+
+def epochs_to_steps(config, num_examples: int) -> dict:
+  """Sets train.stageN.steps of each stage given in epochs (epochs > 0)
+  to that many passes over `num_examples` training examples (images, or
+  tiles with data.tile_sampling='grid'): ceil(epochs * n / batch size),
+  batches straddle epochs (input_pipeline.batch_indices). Returns
+  {stage: steps} of the converted stages."""
+  converted = {}
+  for s in (1, 2, 3):
+    stage = config.train[f'stage{s}']
+    if stage.get('epochs', 0) > 0:
+      steps = math.ceil(stage.epochs * num_examples / stage_batch_size(
+          config, s))
+      stage.steps = steps
+      converted[s] = steps
+  return converted
+
+
+def hold_out_labelled(files, fraction: float, seed: int):
+  """(files with a smaller test set, held-out labelled examples): for
+  eval.threshold='f1', `fraction` of the test images of each label (at
+  least one good and one defective) are kept apart to choose the
+  thresholds on; the reported metrics use only the rest, so no threshold
+  is tuned on the images it is measured on. Deterministic from the seed."""
+  rng = np.random.default_rng([seed, 11])
+  held = set()
+  for label in (0, 1):
+    idx = [i for i, e in enumerate(files.test) if e.label == label]
+    if len(idx) < 2:
+      raise folder.DataError(
+          "config.eval.threshold='f1' needs at least two "
+          f"{'good' if label == 0 else 'defective'} test images (one to "
+          f'choose the threshold on, one to measure), found {len(idx)} in '
+          f'{os.path.join(files.root, files.category)!r}: add test images '
+          "or use eval.threshold='quantile'")
+    k = min(len(idx) - 1, max(1, round(fraction * len(idx))))
+    held |= {idx[j] for j in rng.permutation(len(idx))[:k]}
+  rest = tuple(e for i, e in enumerate(files.test) if i not in held)
+  val = tuple(e for i, e in enumerate(files.test) if i in held)
+  return dataclasses.replace(files, test=rest), val
 
 
 def prepare(config, workdir: str):
-  """Checks the data folder; returns the loader."""
+  """Checks the data folder, converts stages given in epochs to steps,
+  holds out the labelled threshold split; returns the loader."""
   files = input_pipeline.resolve_files(config.data, seed=config.seed)
   logging.info('Data: %s/%s, %d train, %d test images', files.root,
                files.category, len(files.train), len(files.test))
@@ -44,19 +121,45 @@ def prepare(config, workdir: str):
                             resize=config.data.resize)
   train_files, val = input_pipeline.split_validation(
       files, config.data.val_fraction, config.seed)
+  labelled = ()
+  if config.eval.threshold == 'f1' and folder.good_only(files):
+    raise folder.DataError(
+        "config.eval.threshold='f1' needs labelled test images (test/good "
+        f'and test/<defect>), and {os.path.join(files.root, files.category)!r}'
+        " has no test/ folder: use eval.threshold='quantile' (the default) "
+        "or 'fixed'")
+  if config.eval.threshold == 'f1':
+    train_files, labelled = hold_out_labelled(
+        train_files, config.eval.f1_val_fraction, config.seed)
+    logging.info('eval.threshold=f1: %d labelled test images held out to '
+                 'choose the thresholds on; metrics use the other %d',
+                 len(labelled), len(train_files.test))
   loader = input_pipeline.make_loader(config.data, train_files, val)
+  if labelled:
+    loader.examples[LABELLED_VAL] = labelled
+  converted = epochs_to_steps(config, loader.num_train_examples)
+  for s, steps in converted.items():
+    logging.info('Stage %d: %s epochs of %d training examples at batch %d = '
+                 '%d steps', s, config.train[f'stage{s}'].epochs,
+                 loader.num_train_examples, stage_batch_size(config, s),
+                 steps)
   if jax.process_index() == 0:
-    save_config(config, workdir, files)
+    save_config(config, workdir, files, loader.num_train_examples)
   return loader
 
 
-def save_config(config, workdir: str, files) -> None:
-  """The resolved config plus the actual data folder used."""
+def save_config(config, workdir: str, files, num_train_examples=None
+                ) -> None:
+  """The resolved config (stages given in epochs with their steps) plus
+  the actual data folder used."""
   fileio.makedirs(workdir)
   resolved = config.to_dict()
   resolved['resolved_data'] = {'root': files.root, 'category': files.category,
                                'num_train': len(files.train),
                                'num_test': len(files.test)}
+  if num_train_examples is not None:
+    # What the epochs were counted over (train/good less held-out images).
+    resolved['resolved_data']['num_train_examples'] = num_train_examples
   fileio.write_json_atomic(os.path.join(workdir, 'config.json'), resolved)
 
 
@@ -66,6 +169,8 @@ def run(config, workdir: str) -> dict:
   Modes that write into the workdir hold its lock throughout
   (workdir_lock.py): a second run on the same workdir refuses at once."""
   validate.validate(config)  # Before anything is read or compiled.
+  if not (config.data.categories and config.mode in ('train', 'evaluate')):
+    check_workdir(config, workdir)
   fileio.makedirs(workdir)
   with workdir_lock.held(workdir, config.workdir_lock, config.mode):
     return dispatch(config, workdir)

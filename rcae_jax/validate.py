@@ -56,6 +56,28 @@ def check_tiling(config, height: int, width: int) -> None:
         'config.data.tile_size=0')
 
 
+THRESHOLD_METHODS = ('quantile', 'f1', 'fixed')
+
+
+def check_thresholds(e) -> None:
+  """eval.threshold and the fields of its method
+  (rcae_jax/evaluation/thresholds.py)."""
+  _choice(e.threshold, 'eval.threshold', THRESHOLD_METHODS)
+  for name in ('image_quantile', 'pixel_quantile'):
+    if not 0 < e[name] <= 1:
+      raise ConfigError(f'config.eval.{name} must lie in (0, 1], got '
+                        f'{e[name]!r}')
+  if e.threshold == 'f1' and not 0 < e.f1_val_fraction < 1:
+    raise ConfigError("config.eval.threshold='f1' holds out "
+                      'config.eval.f1_val_fraction of the test images: it '
+                      f'must lie in (0, 1), got {e.f1_val_fraction!r}')
+  if e.threshold == 'fixed' and not e.fixed_image_threshold > 0:
+    raise ConfigError("config.eval.threshold='fixed' needs "
+                      'config.eval.fixed_image_threshold > 0 (an image '
+                      'score: DEFECT when score >= it), got '
+                      f'{e.fixed_image_threshold!r}')
+
+
 def validate(config) -> None:
   _choice(config.mode, 'mode', MODES)
   m, d, t, e = config.model, config.data, config.train, config.eval
@@ -124,6 +146,12 @@ def validate(config) -> None:
         f'config.train.crop_size={t.crop_size} must be at most '
         f'data.image_size={d.image_size} (its shorter side) and divisible '
         f'by {factor}')
+  check_thresholds(e)
+  for s in (1, 2, 3):
+    epochs = t[f'stage{s}'].get('epochs', 0)
+    if epochs < 0:
+      raise ConfigError(f'config.train.stage{s}.epochs must be >= 0 (0 = '
+                        f'use steps), got {epochs}')
   if e.every_steps < 0:
     raise ConfigError('config.eval.every_steps must be >= 0 (0 = off)')
   if t.stage1.steps == 0 and config.mode == 'train':

@@ -394,22 +394,25 @@ def test_tpu_config_paper_settings():
   assert config.data.loader == 'tfdata'
   assert config.data.category == 'bottle'
   assert config.data.root.startswith('gs://')
-  assert config.data.assumed_train_images == 250
   for stage, epochs in ((1, 1500), (2, 400), (3, 300)):
     cfg = config.train[f'stage{stage}']
+    # Steps follow from the real train-set size when the data is read
+    # (run.epochs_to_steps; tests/test_configs.py).
     assert cfg.epochs == epochs
     assert cfg.learning_rate == pytest.approx(1e-4)
-    assert cfg.steps == epochs * 16  # ceil(250 / 16) = 16 steps per epoch.
 
 
-def test_tpu_config_steps_follow_overrides():
+def test_tpu_config_epochs_become_steps_of_the_real_train_set():
+  from rcae_jax import run  # pylint: disable=g-import-not-at-top
   config = load_config('tpu')
   config.train.batch_size = 32
-  assert config.train.stage1.steps == 1500 * 8
-  config.data.assumed_train_images = 209  # bottle
-  assert config.train.stage2.steps == 400 * 7
-  config.train.stage3.steps = 5  # A direct override wins.
-  assert config.train.stage3.steps == 5 and config.train.stage3.epochs == 300
+  config.train.stage3.epochs = 0  # Steps given directly instead.
+  config.train.stage3.steps = 5
+  # Toothbrush: 60 good train images less 6 held out (val_fraction 0.1).
+  # ceil(1500 * 54 / 32); stage 2 trains at its own batch size, 8.
+  assert run.epochs_to_steps(config, 54) == {1: 2532, 2: 400 * 54 // 8}
+  assert config.train.stage1.steps == 2532
+  assert config.train.stage3.steps == 5
 
 
 def test_tpu_config_passes_validation():

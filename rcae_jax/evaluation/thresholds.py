@@ -1,6 +1,19 @@
-"""Decision thresholds from held-out good images (no test label is looked
-at), the fused map's normalisers (eval.scoring='fused', fusion.py), and the
-evaluation of a good-only category, which is thresholds alone.
+"""Decision thresholds, the fused map's normalisers (eval.scoring='fused',
+fusion.py), and the evaluation of a good-only category, which
+is thresholds alone.
+
+How they are set (`eval.threshold`; thresholds.json's 'method' says which):
+- 'quantile' (default): the `eval.image_quantile` of held-out good training
+  images' scores and the `eval.pixel_quantile` of their map values. No
+  label is looked at; the share of good images flagged is about
+  1 - image_quantile.
+- 'f1': the F1-optimal image (and, with masks, pixel) threshold on a
+  labelled validation split: `eval.f1_val_fraction` of the test images of
+  each label, held out by run.prepare so that the reported metrics never
+  include an image a threshold was tuned on.
+- 'fixed': `eval.fixed_image_threshold` (and `eval.fixed_pixel_threshold`
+  when > 0, else the quantile's pixel threshold), e.g. a value read off a
+  previous run's scores.
 """
 
 from __future__ import annotations
@@ -16,13 +29,76 @@ from rcae_jax.data import geometry
 from rcae_jax.evaluation import fusion
 from rcae_jax.evaluation import loops
 from rcae_jax.evaluation import maps as maps_lib
+from rcae_jax.evaluation import metrics as metrics_lib
 from rcae_jax.evaluation import report as report_lib
 
 
+# Loader split of the labelled images held out for 'f1' (run.LABELLED_VAL).
+LABELLED_VAL = 'labelled_val'
+
+
 def choose_thresholds(params, loader, config, predict_fn) -> dict:
-  """Image and pixel thresholds from held-out good training images: no
-  test label is looked at. Without held-out images, the training images
-  stand in (optimistic: the model has seen them)."""
+  """Image and pixel thresholds by `config.eval.threshold` (module
+  docstring). The held-out good images always set the overlay colour scale
+  and the label-free quantiles; without held-out images the training
+  images stand in (optimistic: the model has seen them)."""
+  thresholds = quantile_thresholds(params, loader, config, predict_fn)
+  method = config.eval.get('threshold', 'quantile')
+  if method == 'f1':
+    thresholds.update(f1_thresholds(params, loader, config, predict_fn))
+  elif method == 'fixed':
+    thresholds.update(fixed_thresholds(config.eval))
+  thresholds['method'] = method
+  thresholds.setdefault('pixel_method', method)
+  # The overlays' colour scale keeps the pixel threshold mid-scale.
+  thresholds['display_max'] = thresholds['pixel'] + max(
+      thresholds['pixel'] - thresholds['display_min'], 1e-6)
+  logging.info('Thresholds (%s): image %.6g, pixel %.6g (%s)', method,
+               thresholds['image'], thresholds['pixel'],
+               thresholds['source'])
+  return thresholds
+
+
+def fixed_thresholds(eval_cfg) -> dict:
+  """The user's values; the pixel one stays the quantile's unless given."""
+  out = {'image': float(eval_cfg.fixed_image_threshold),
+         'source': 'fixed by eval.fixed_image_threshold'}
+  if eval_cfg.fixed_pixel_threshold > 0:
+    out['pixel'] = float(eval_cfg.fixed_pixel_threshold)
+  else:
+    out['pixel_method'] = 'quantile'
+  return out
+
+
+def f1_thresholds(params, loader, config, predict_fn) -> dict:
+  """F1-optimal thresholds on the labelled validation split (a threshold t
+  flags scores >= t; metrics.f1_max). The pixel threshold is F1-optimal
+  over the split's mask pixels at the model size when the category has
+  masks, else it stays the quantile's."""
+  if LABELLED_VAL not in loader.examples:
+    raise ValueError("eval.threshold='f1' needs the labelled split that "
+                     'run.prepare holds out')
+  maps, scores, labels, masks, _ = loops.run_predictions(
+      params, loader, config, LABELLED_VAL, predict_fn)
+  f1, image = metrics_lib.f1_max(labels, scores)
+  out = {'image': image, 'validation_images': int(len(labels)),
+         'validation_image_f1': f1,
+         'source': (f'F1-optimal on {len(labels)} labelled test images held '
+                    'out of the reported metrics')}
+  if loader.files.has_masks and labels.any():
+    masks, maps = loops.valid_regions(masks, maps, loader.extents(
+        LABELLED_VAL))
+    f1, out['pixel'] = metrics_lib.f1_max(
+        np.concatenate([m.ravel() for m in masks]),
+        np.concatenate([m.ravel() for m in maps]))
+    out['validation_pixel_f1'] = f1
+  else:
+    out['pixel_method'] = 'quantile'
+  return out
+
+
+def quantile_thresholds(params, loader, config, predict_fn) -> dict:
+  """The label-free thresholds from held-out good training images."""
   held_out = loader.val_held_out
   if not held_out:
     logging.warning('No held-out images (data.val_fraction=0): thresholds '

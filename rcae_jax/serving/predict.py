@@ -52,8 +52,10 @@ PARTIAL_FAILURE_EXIT = 3
 def load_thresholds(workdir: str) -> dict:
   path = os.path.join(workdir, 'thresholds.json')
   if not fileio.exists(path):
-    raise FileNotFoundError(f'{path} is missing: evaluate the run first '
-                            '(--config.mode=evaluate) to choose thresholds')
+    raise FileNotFoundError(
+        f'{path} is missing: train the workdir first (--config.mode=train; '
+        'it ends by evaluating, which writes thresholds.json), or, when '
+        'it has checkpoints, run --config.mode=evaluate on it')
   return fileio.read_json(path)
 
 
@@ -135,14 +137,21 @@ def score_chunk(predict_fn, params, chunk, decoded, config, thresholds,
       rows.append(dict(row, decision=predict_report.ERROR, error=reason))
       continue
     k = row_of[j]
-    amap = maps_lib.upsample(geometry.crop(maps[k], extents[k]),
-                             image.shape[:2])
-    map_path = os.path.join(out_dir, x.name + '.tiff')
-    overlay_path = os.path.join(out_dir, x.name + '.overlay.png')
-    export_maps.write_tiff_atomic(map_path, amap)
-    visualize.save_png(overlay_path, visualize.overlay(
-        image, amap, thresholds['display_min'], thresholds['display_max'],
-        threshold=thresholds['pixel']))
+    # predict.write_maps / write_overlays: False leaves the file out (and
+    # the resize back to the image's size when both are) and its column
+    # empty: high-volume lines keep the scores and decisions only.
+    amap = map_path = overlay_path = None
+    if config.predict.write_maps or config.predict.write_overlays:
+      amap = maps_lib.upsample(geometry.crop(maps[k], extents[k]),
+                               image.shape[:2])
+    if config.predict.write_maps:
+      map_path = os.path.join(out_dir, x.name + '.tiff')
+      export_maps.write_tiff_atomic(map_path, amap)
+    if config.predict.write_overlays:
+      overlay_path = os.path.join(out_dir, x.name + '.overlay.png')
+      visualize.save_png(overlay_path, visualize.overlay(
+          image, amap, thresholds['display_min'], thresholds['display_max'],
+          threshold=thresholds['pixel']))
     score = float(scores[k])
     rows.append(dict(row, score=score,
                      decision='DEFECT' if score >= thresholds['image']

@@ -30,7 +30,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rcae_jax.common import checkpoints
 from rcae_jax.common import fileio
