@@ -58,7 +58,8 @@ def test_refuses_a_workdir_trained_without_stage_3(make_config, tmp_path):
   """A workdir whose training ended at stage 2 has an untrained CRD: one
   line, before any parameter is read."""
   workdir = tmp_path / 'wd'
-  (workdir / 'checkpoints').mkdir(parents=True)
+  # A step folder, as a run that trained stages 1 and 2 leaves.
+  (workdir / 'checkpoints' / '5').mkdir(parents=True)
   (workdir / 'checkpoints' / checkpoints.COMPLETE_MARKER).write_text(
       json.dumps({'stage': 2, 'stage_step': 2, 'global_step': 5}))
   with pytest.raises(validate.ConfigError,
