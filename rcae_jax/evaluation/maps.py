@@ -2,7 +2,8 @@
 detail-restored reconstructions, the anomaly map and the image score.
 
 Pixel map, by `config.eval.scoring`:
-- 'crd': M_A = sigmoid(CRD(...)), the paper's map.
+- 'crd': M_A = sigmoid(CRD(...)), the paper's map, optionally blurred
+  with a Gaussian of `eval.crd_sigma` px (ours; 0 = none).
 - 'recursion': M(p) = 1/N sum_n 1/C sum_c |I_D^n(p, c) - I(p, c)| (I_R^n
   when DPN is off; `eval.recursion_reduce` may take the max over depths or
   the deepest depth instead of the mean), optionally blurred with a Gaussian of
@@ -31,7 +32,9 @@ def predict(params, images, extents=None, *, nets: inference.Networks, config):
   recs = inference.reconstructions(nets, params, x)
   dets = inference.details(nets, params, recs, x, inference.uses_dpn(config))
   if config.eval.scoring == 'crd':
-    amap = jax.nn.sigmoid(inference.crd_logits(nets, params, dets, x))[..., 0]
+    amap = scoring.gaussian_blur(
+        jax.nn.sigmoid(inference.crd_logits(nets, params, dets, x))[..., 0],
+        config.eval.get('crd_sigma', 0.0))
   elif config.eval.scoring == 'recursion':
     amap = scoring.gaussian_blur(
         scoring.recursion_error_map(dets, x,
