@@ -155,6 +155,19 @@ def get_config() -> ml_collections.ConfigDict:
   model.crd_normalize = False
   # How many recursion steps CRD sees (the paper's 1/3/5 ablation); 0 = all N.
   model.crd_steps = 0
+  # (ours) Also give CRD |I_D^n - I| as channels beside the paper's
+  # I_D^n ⊕ I, so that it reads the cross-depth residual directly. Changes
+  # CRD's first layer: a fork resumed before stage 3 re-initialises CRD.
+  model.crd_residual = False
+  # (ours) DPN's guide I' made from the input: 'signed_diff' (per-channel
+  # signed forward differences, 2C channels: the original; lossless up to
+  # a constant, so DPN can integrate it back into I, defects included),
+  # 'grad_mag' (gradient magnitude, 1 channel: no sign or direction) or
+  # 'blurred_grad' (signed differences of I blurred with a Gaussian of
+  # `dpn_guide_sigma` px). The paper says "first-order gradient image"; the
+  # operator is ours. The stage losses keep their signed gradient terms.
+  model.dpn_guide = 'signed_diff'
+  model.dpn_guide_sigma = 2.0
   # Iterative mode: levels of the shared full-resolution autoencoder R.
   model.iterative_levels = 2
   # Scan the iterative recursion unrolled (True is required for speed on
@@ -202,6 +215,11 @@ def get_config() -> ml_collections.ConfigDict:
   train.stage2 = _stage(steps=200, batch_size=8)
   # Stage 3: CRD on pseudo-anomalies with RcAE and DPN frozen; 0 skips it.
   train.stage3 = _stage(steps=300, batch_size=8)
+  # (ours) Probability per sample that stage 3 zeroes CRD's I_D^n and I
+  # channels, leaving only |I_D^n - I| (needs model.crd_residual), so that
+  # CRD cannot find the pseudo-anomalies from the look of I alone. Training
+  # only, never at test time. 0 = off.
+  train.stage3.input_dropout = 0.0
   # Also save every this many minutes (0 = off), and on SIGTERM always:
   # a preempted run loses at most this much work.
   train.checkpoint_minutes = 10.0
@@ -288,6 +306,10 @@ def get_config() -> ml_collections.ConfigDict:
   ev.pro_fpr_limit = 0.3
   # Gaussian blur (sigma, px) of the recursion-error map; 0 = none.
   ev.map_sigma = 1.0
+  # (ours) Gaussian blur (sigma, px) of CRD's map (eval.scoring='crd'), so
+  # it is compared with the recursion map on equal terms; 0 = none (the
+  # paper's raw map).
+  ev.crd_sigma = 0.0
   # How the recursion-error map combines depths: 'mean', 'max' or 'last'
   # (deepest only). docs/results.md compares them on the real categories.
   ev.recursion_reduce = 'mean'

@@ -76,6 +76,30 @@ def check_thresholds(e) -> None:
                       'config.eval.fixed_image_threshold > 0 (an image '
                       'score: DEFECT when score >= it), got '
                       f'{e.fixed_image_threshold!r}')
+def check_levers(config) -> None:
+  """DPN's guide, CRD's inputs and map, and the pseudo-anomalies."""
+  from rcae_jax.model import losses  # pylint: disable=g-import-not-at-top
+  from rcae_jax.training import anomalies  # pylint: disable=g-import-not-at-top
+  m, e = config.model, config.eval
+  _choice(m.dpn_guide, 'model.dpn_guide', losses.DPN_GUIDES)
+  if m.dpn_guide == 'blurred_grad' and not m.dpn_guide_sigma > 0:
+    raise ConfigError('config.model.dpn_guide_sigma must be > 0 with '
+                      f"dpn_guide='blurred_grad', got {m.dpn_guide_sigma}")
+  if e.crd_sigma < 0:
+    raise ConfigError(f'config.eval.crd_sigma must be >= 0, got '
+                      f'{e.crd_sigma}')
+  dropout = config.train.stage3.input_dropout
+  if not 0 <= dropout < 1:
+    raise ConfigError('config.train.stage3.input_dropout must lie in [0, 1), '
+                      f'got {dropout}')
+  if dropout and not m.crd_residual:
+    raise ConfigError('config.train.stage3.input_dropout needs '
+                      'config.model.crd_residual=True: without the residual '
+                      'channels a dropped sample shows CRD nothing')
+  try:
+    anomalies.check_config(config.anomalies)
+  except ValueError as err:
+    raise ConfigError(f'config.anomalies: {err}') from None
 
 
 def validate(config) -> None:
@@ -154,6 +178,7 @@ def validate(config) -> None:
                         f'use steps), got {epochs}')
   if e.every_steps < 0:
     raise ConfigError('config.eval.every_steps must be >= 0 (0 = off)')
+  check_levers(config)
   if t.stage1.steps == 0 and config.mode == 'train':
     raise ConfigError('config.train.stage1.steps must be > 0: every later '
                       'stage builds on the recursive autoencoder')

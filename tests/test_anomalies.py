@@ -202,3 +202,142 @@ def test_noise_texture_keeps_clean_samples_clean():
   out, mask = _jitted(cfg)(jax.random.PRNGKey(1), x)
   assert float(jnp.abs(mask).max()) == 0.0
   np.testing.assert_array_equal(np.asarray(out), x)
+
+
+# ------------------------------------------------- style='realistic' (ours)
+
+
+def _real(**kw):
+  """The realistic style with `realistic.<key>` overrides."""
+  cfg = anomalies.default_config()
+  cfg.style = 'realistic'
+  for k, v in kw.items():
+    setattr(cfg.realistic, k, v)
+  return cfg
+
+
+def _grey(h=32, w=32, seed=0, n=B):
+  """Grey (all channels equal) grid-like textures, [n, h, w, 3]."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:h, :w]
+  out = []
+  for i in range(n):
+    g = 0.7 + 0.05 * rng.standard_normal((h, w))
+    g[(yy + i) % 6 < 2] = 0.25
+    g[(xx + 2 * i) % 6 < 2] = 0.25
+    out.append(np.repeat(g[..., None], 3, -1))
+  return np.clip(np.stack(out), 0, 1).astype(np.float32)
+
+
+def _realistic_contract(images, out, mask, visible):
+  """Outside the mask bit-identical; inside, some channel moved by more
+  than the visibility threshold."""
+  m = mask[..., 0] > 0.5
+  np.testing.assert_array_equal(out[~m], images[~m])
+  assert np.all(np.abs(out - images).max(axis=-1)[m] > visible)
+
+
+@pytest.mark.parametrize('c', [1, 3])
+def test_realistic_labels_only_visible_changes(c):
+  images = _images(32, 32, c)
+  cfg = _real(clean_fraction=0.0, visible_change=0.05,
+              shape_weights=(1.0, 1.0, 1.0))
+  out, mask = _run(cfg, images)
+  _check_contract(images, out, mask)
+  _realistic_contract(images, out, mask, 0.05)
+  assert mask.sum() > 0
+
+
+@pytest.mark.parametrize('fill', ['palette', 'warp'])
+def test_realistic_does_not_label_what_cannot_be_seen(fill):
+  """On a flat image a palette colour is the image's own and a warp moves
+  nothing: nothing visible changes, so nothing may be labelled (the old
+  noise-texture lever labelled its blobs regardless)."""
+  flat = np.full((B, 32, 32, 3), 0.4, np.float32)
+  cfg = _real(clean_fraction=0.0, fills=(fill,), fill_weights=(1.0,),
+              palette_jitter=0.0)
+  out, mask = _run(cfg, flat)
+  assert mask.sum() == 0
+  np.testing.assert_array_equal(out, flat)
+
+
+def test_realistic_is_grey_on_grey_images_paper_style_is_not():
+  """The measurement of issue 25 item 2, as a test: the paper's colours
+  put chroma on most masked pixels of a grey image; the realistic style
+  puts none anywhere."""
+  images = _grey()
+  chroma = lambda x: x.max(-1) - x.min(-1)
+  out, mask = _run(anomalies.default_config(), images)
+  m = mask[..., 0] > 0
+  assert (chroma(out)[m] > 0.05).mean() > 0.3
+  cfg = _real(clean_fraction=0.0, shape_weights=(1.0, 1.0, 1.0),
+              invert_prob=0.5)
+  for seed in range(3):
+    out, mask = _run(cfg, images, seed)
+    assert mask.sum() > 0
+    assert chroma(out).max() < 1e-6
+
+
+def test_realistic_areas_and_clean_fraction():
+  """Blobs of exactly the drawn area (within the configured range), and
+  about half of the samples clean; the paper's default covers far more."""
+  images = np.random.default_rng(0).uniform(0, 1, (64, 32, 32, 3)).astype(
+      np.float32)
+  # Inversion of noise: every covered pixel but the few near 0.5 changes.
+  cfg = _real(shapes=('blob',), shape_weights=(1.0,), fills=('self',),
+              fill_weights=(1.0,), gamma=(1.0, 1.0), invert_prob=1.0,
+              min_opacity=1.0, edge_sigma=0.0, min_area=0.01, max_area=0.04)
+  out, mask = _run(cfg, images)
+  area = mask.mean(axis=(1, 2, 3))
+  anomalous = area > 0
+  assert 0.3 < 1 - anomalous.mean() < 0.7  # clean_fraction 0.5
+  assert area[anomalous].min() >= 0.01 * 0.9 - 1 / 1024
+  assert area[anomalous].max() <= 0.04 + 1 / 1024
+  cfg.realistic.clean_fraction = 0.0
+  _, mask = _run(cfg, images)
+  assert np.all(mask.mean(axis=(1, 2, 3)) > 0)
+
+
+def test_realistic_scars_are_thin_and_at_any_angle():
+  images = np.random.default_rng(1).uniform(0, 1, (32, 64, 64, 1)).astype(
+      np.float32)
+  cfg = _real(clean_fraction=0.0, shapes=('scar',), shape_weights=(1.0,),
+              fills=('self',), fill_weights=(1.0,), invert_prob=1.0,
+              min_opacity=1.0, edge_sigma=0.0, scar_width=0.0,
+              scar_length=(0.3, 0.5))
+  _, mask = _run(cfg, images)
+  angles = []
+  for m in mask[..., 0] > 0:
+    ys, xs = np.nonzero(m)
+    # A 1 px wide scar of length <= 32 px: few pixels, far longer than wide.
+    assert 0 < len(ys) <= 2 * 33
+    cov = np.cov(np.stack([ys, xs]))
+    evals, evecs = np.linalg.eigh(cov)
+    assert evals[1] > 10 * max(evals[0], 1e-3)
+    angles.append(np.degrees(np.arctan2(*evecs[:, 1])) % 180)
+  angles = np.asarray(angles)
+  oblique = (np.abs(angles % 90 - 45) < 30)
+  assert oblique.sum() >= 8  # Not only horizontal and vertical.
+
+
+def test_realistic_warp_and_self_fills_move_texture():
+  """On a texture, warps and rotated self-fills change what they cover,
+  and their labels obey the contract."""
+  images = _grey(seed=2)
+  for fill in ('warp', 'self'):
+    cfg = _real(clean_fraction=0.0, fills=(fill,), fill_weights=(1.0,),
+                min_area=0.03, max_area=0.05, warp_max=0.1)
+    out, mask = _run(cfg, images)
+    _realistic_contract(images, out, mask, 0.02)
+    assert (mask.mean(axis=(1, 2, 3)) > 0).mean() >= 0.5, fill
+
+
+def test_realistic_style_is_validated():
+  with pytest.raises(ValueError, match='style'):
+    anomalies.check_config(_cfg(style='fancy'))
+  with pytest.raises(ValueError, match='shapes'):
+    anomalies.check_config(_real(shapes=('blob', 'star'),
+                                 shape_weights=(1.0, 1.0)))
+  with pytest.raises(ValueError, match='max_area'):
+    anomalies.check_config(_real(min_area=0.1, max_area=0.01))
+  anomalies.check_config(_real())

@@ -201,3 +201,81 @@ def test_crd_normalize_ignores_brightness_and_contrast():
   plain = unoptimised(models.CRD(width=2).apply)
   assert float(jnp.abs(plain(params, 0.2 * dets + 0.05, 0.2 * image + 0.05) -
                        plain(params, dets, image)).max()) > 0.1
+
+
+# ----------------------------------------- issue 25: DPN's guide, CRD input
+
+from rcae_jax.model import inference  # pylint: disable=g-import-not-at-top
+from rcae_jax.model import losses  # pylint: disable=g-import-not-at-top
+
+
+def test_guides_that_dpn_cannot_integrate_back():
+  """'signed_diff' tells an image from its negative (it integrates back
+  to I); 'grad_mag' does not (no sign), and 'blurred_grad' does not see
+  a one-pixel checkerboard (no fine detail)."""
+  x = jax.random.uniform(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  signed = losses.guide_image(x, 'signed_diff')
+  np.testing.assert_array_equal(signed, losses.gradient_image(x))
+  assert signed.shape[-1] == 6 == losses.guide_channels('signed_diff', 3)
+  assert float(jnp.abs(losses.guide_image(1 - x, 'signed_diff') -
+                       signed).max()) > 0.5
+  mag = losses.guide_image(x, 'grad_mag')
+  assert mag.shape == (2, 16, 16, 1) == (2, 16, 16,
+                                         losses.guide_channels('grad_mag', 3))
+  np.testing.assert_allclose(losses.guide_image(1 - x, 'grad_mag'), mag,
+                             atol=1e-6)
+  checker = (np.indices((16, 16)).sum(0) % 2).astype(np.float32)
+  checker = jnp.asarray(np.broadcast_to(checker[None, ..., None],
+                                        (1, 16, 16, 3)))
+  assert float(jnp.abs(losses.guide_image(checker, 'signed_diff')).max()) == 1
+  blurred = losses.guide_image(checker, 'blurred_grad', sigma=2.0)
+  assert blurred.shape == (1, 16, 16, 6)
+  # Away from the edge padding, the fine pattern is gone.
+  assert float(jnp.abs(blurred[:, 6:-6, 6:-6]).max()) < 0.01
+  with pytest.raises(ValueError, match='dpn_guide'):
+    losses.guide_image(x, 'laplacian')
+
+
+@pytest.mark.parametrize('guide, channels', [('signed_diff', 6),
+                                             ('grad_mag', 1),
+                                             ('blurred_grad', 6)])
+def test_dpn_reads_the_configured_guide(make_config, guide, channels):
+  config = make_config(**{'model.dpn_guide': guide})
+  nets = inference.build_networks(config.model)
+  assert nets.dpn_guide == guide
+  shapes = inference.abstract_params(nets, 32)
+  first = shapes['dpn']['UNet_0']['Conv_0']['kernel'].shape
+  assert first[2] == 3 + channels  # I_R^n (3) ⊕ the guide.
+
+
+def _perturbed(params):
+  leaves, tree = jax.tree.flatten(params)
+  return jax.tree.unflatten(tree, [
+      p + 0.3 * np.random.default_rng(i).standard_normal(p.shape, np.float32)
+      for i, p in enumerate(leaves)])
+
+
+def test_crd_residual_channels_and_input_dropout():
+  """With `residual`, CRD gets |I_D^n - I| as 3 more channels; with an
+  image's channels dropped, only that residual reaches it: shifting I and
+  every I_D^n alike changes nothing, while it does change the full input's
+  answer."""
+  key = jax.random.PRNGKey(0)
+  image = jax.random.uniform(key, (2, 16, 16, 3))
+  dets = jax.random.uniform(jax.random.PRNGKey(1), (2, 2, 16, 16, 3))
+  crd = models.CRD(width=2, residual=True)
+  plain_shapes = jax.eval_shape(models.CRD(width=2).init, key, dets, image)
+  params = unoptimised(crd.init)(key, dets, image)
+  kernel = lambda p: p['params']['UNet_0']['DepthConv_0']['Conv_0']['kernel']
+  # DepthConv stacks 3 neighbouring steps: 3 x (I_D ⊕ I ⊕ residual).
+  assert kernel(params).shape[2] == 3 * 9
+  assert kernel(plain_shapes).shape[2] == 3 * 6
+  params = _perturbed(params)
+  apply = unoptimised(crd.apply)
+  keep = jnp.array([0.0, 1.0])
+  a = apply(params, dets, image, keep)
+  b = apply(params, dets + 0.2, image + 0.2, keep)
+  np.testing.assert_allclose(a[0], b[0], atol=1e-5)  # Dropped: residual.
+  assert float(jnp.abs(a[1] - b[1]).max()) > 1e-2  # Kept: sees the images.
+  # Inference (keep None) is the kept case.
+  np.testing.assert_allclose(apply(params, dets, image)[1], a[1], atol=1e-5)

@@ -139,11 +139,48 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self._mngr.latest_step()
 
-  def _restore(self, step: int, abstract_for_stage: Callable[[int], Any],
-               partial: bool):
-    progress = self._mngr.restore(step, args=ocp.args.Composite(
+  def progress_of(self, step: int) -> dict:
+    """The progress record ({stage, stage_step, global_step}) of a step."""
+    return self._mngr.restore(step, args=ocp.args.Composite(
         progress=ocp.args.JsonRestore())).progress
+
+  def latest_progress(self) -> Optional[dict]:
+    """The newest checkpoint's progress, or None when there is none or it
+    cannot be read (restore_latest then decides what to do)."""
+    step = self.latest_step()
+    if step is None:
+      return None
+    try:
+      return self.progress_of(step)
+    except Exception:  # pylint: disable=broad-except
+      return None
+
+  def saved_state_shapes(self, step: int):
+    """The saved state's tree with each array's metadata (`.shape`,
+    `.dtype`), read without restoring any array. (The manager's own
+    item_metadata answers None for an item it has not handled yet in this
+    process, so the handler reads the step's folder.)"""
+    path = ocp.path.step.build_step_path(
+        self.directory, ocp.path.step.standard_name_format(), step)
+    return ocp.StandardCheckpointHandler().metadata(path / 'state').tree
+
+  def _saved_shapes_or_none(self, step: int):
+    """saved_state_shapes, or None (with a warning) if they cannot be
+    read: the restore then goes on as if nothing were to be reconciled."""
+    try:
+      return self.saved_state_shapes(step)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('Could not read the shapes saved in %s/%d (%s).',
+                      self.directory, step, _one_line(e))
+      return None
+
+  def _restore(self, step: int, abstract_for_stage: Callable[[int], Any],
+               partial: bool, reconcile: Optional[Callable] = None):
+    progress = self.progress_of(step)
     target = abstract_for_stage(progress['stage'])
+    if reconcile is not None:
+      target = reconcile(progress, target,
+                         lambda: self._saved_shapes_or_none(step))
     if partial:
       # Only the fields in `target`, as host numpy arrays.
       restore = ocp.args.PyTreeRestore(
@@ -156,14 +193,18 @@ class Checkpointer:
     return progress, state.state
 
   def restore_latest(self, abstract_for_stage: Callable[[int], Any],
-                     partial: bool = False):
+                     partial: bool = False,
+                     reconcile: Optional[Callable] = None):
     """(progress, state) of the newest checkpoint that restores, or None if
     there is no checkpoint. Damaged newer ones are reported and, unless
     read-only, moved aside; CheckpointError if none restores.
 
     `abstract_for_stage(stage)` gives the restore target's shapes; with
     `partial`, a dict of some of the saved state's fields (e.g. only
-    'params'), restored alone as numpy arrays.
+    'params'), restored alone as numpy arrays. `reconcile(progress, target,
+    saved_shapes)`, when given, may adapt the target to the saved shapes
+    (`saved_shapes()` reads them; None if it cannot); a ConfigError it
+    raises is raised as it is, never taken for damage.
     """
     listed = sorted(self._mngr.all_steps(), reverse=True)
     # Step folders Orbax does not list (on object stores it wants their
@@ -175,7 +216,10 @@ class Checkpointer:
                       'ignored.', self.directory, step)
     for step in listed:
       try:
-        progress, state = self._restore(step, abstract_for_stage, partial)
+        progress, state = self._restore(step, abstract_for_stage, partial,
+                                        reconcile)
+      except errors.ConfigError:
+        raise  # The config does not fit: no reason to try older steps.
       except Exception as e:  # pylint: disable=broad-except
         # Orbax and tensorstore report a missing or truncated file as
         # ValueError, KeyError, OSError or a JSON error, depending on the
@@ -258,6 +302,31 @@ MODEL_CONFIG = 'model_config.json'
 COMPLETE_MARKER = 'TRAINING_COMPLETE'
 # Model fields that change speed only, never what the parameters mean.
 RESUME_SAFE_FIELDS = ('model.scan_unroll', 'model.batch_decoding')
+# Model fields that concern one network alone, by the stage that trains it
+# (DPN: 2, CRD: 3); every other model field concerns RcAE, and through it
+# everything. Until that stage begins the network is only initialised, so
+# a resume (a fork of a workdir) may change them: the network is then
+# re-initialised if its shapes changed (training/train.py).
+NETWORK_FIELDS = {
+    2: ('model.dpn_width', 'model.dpn_guide', 'model.dpn_guide_sigma'),
+    3: ('model.crd_width', 'model.crd_normalize', 'model.crd_steps',
+        'model.crd_residual'),
+}
+
+
+def stage_begun(progress: Optional[dict], stage: int) -> bool:
+  """Whether the checkpoint with `progress` has trained `stage` at all
+  (None: no checkpoint, nothing begun)."""
+  if progress is None:
+    return False
+  return progress['stage'] > stage or (progress['stage'] == stage and
+                                       progress['stage_step'] > 0)
+
+
+def untrained_fields(progress: Optional[dict]) -> tuple[str, ...]:
+  """NETWORK_FIELDS of the networks whose stage `progress` has not begun."""
+  return tuple(f for stage, fields in NETWORK_FIELDS.items()
+               if not stage_begun(progress, stage) for f in fields)
 
 
 def model_signature(config) -> dict:
@@ -276,28 +345,34 @@ def model_signature(config) -> dict:
   return json.loads(json.dumps(sig, default=str))
 
 
-def check_resume_compatible(config, ckpt_dir: str) -> None:
+def check_resume_compatible(config, ckpt_dir: str,
+                            progress: Optional[dict] = None) -> None:
   """Refuses checkpoints of another model with one clear message
   (Orbax's own shape error does not say which field changed, and a change
   such as model.recursion keeps every shape). Other fields (steps, learning
   rates, logging, checkpointing, eval.*) may change on resume.
 
-  Fields absent from the saved copy (added to the code since) pass."""
+  Fields absent from the saved copy (added to the code since) pass. With
+  the checkpoint's `progress` (training resumes), the fields of a network
+  whose stage has not begun pass too (NETWORK_FIELDS); without it
+  (evaluation), every field must match."""
   path = os.path.join(ckpt_dir, MODEL_CONFIG)
   if not fileio.exists(path):
     return
   saved = fileio.read_json(path)
   current = model_signature(config)
+  free = RESUME_SAFE_FIELDS + (untrained_fields(progress)
+                               if progress is not None else ())
   diffs = [f'{k}: {saved[k]!r} -> {current.get(k, "<unset>")!r}'
            for k in sorted(saved)
-           if k not in RESUME_SAFE_FIELDS and current.get(k, '<unset>') !=
-           saved[k]]
+           if k not in free and current.get(k, '<unset>') != saved[k]]
   if diffs:
     raise errors.ConfigError(
         f'the checkpoints in {ckpt_dir} are of a different model than the '
         f'config ({"; ".join(diffs)}). Use a new --workdir, or set these '
         'fields back (steps, learning rates, logging, checkpointing and '
-        'eval settings may change on resume).')
+        'eval settings may change on resume, and a network\'s own fields '
+        '(model.dpn_*, model.crd_*) until its stage begins).')
 
 
 def record_model_config(config, ckpt_dir: str) -> None:

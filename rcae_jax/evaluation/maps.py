@@ -2,7 +2,8 @@
 detail-restored reconstructions, the anomaly map and the image score.
 
 Pixel map, by `config.eval.scoring`:
-- 'crd': M_A = sigmoid(CRD(...)), the paper's map.
+- 'crd': M_A = sigmoid(CRD(...)), the paper's map, optionally blurred
+  with a Gaussian of `eval.crd_sigma` px (ours; 0 = none).
 - 'recursion': M(p) = 1/N sum_n 1/C sum_c |I_D^n(p, c) - I(p, c)| (I_R^n
   when DPN is off; `eval.recursion_reduce` may take the max over depths or
   the deepest depth instead of the mean), optionally blurred with a Gaussian of
@@ -27,9 +28,12 @@ from rcae_jax.evaluation import scoring
 from rcae_jax.model import inference
 
 
-def crd_map(nets: inference.Networks, params, dets, x):
-  """M_A = sigmoid(CRD(dets, x)), [B, H, W]."""
-  return jax.nn.sigmoid(inference.crd_logits(nets, params, dets, x))[..., 0]
+def crd_map(nets: inference.Networks, params, dets, x, sigma: float = 0.0):
+  """M_A = sigmoid(CRD(dets, x)), [B, H, W], blurred with a Gaussian of
+  `sigma` px (eval.crd_sigma; 0 = the paper's raw map)."""
+  return scoring.gaussian_blur(
+      jax.nn.sigmoid(inference.crd_logits(nets, params, dets, x))[..., 0],
+      sigma)
 
 
 def recursion_map(dets, x, eval_cfg):
@@ -50,11 +54,12 @@ def predict(params, images, extents=None, *, nets: inference.Networks, config,
   recs = inference.reconstructions(nets, params, x)
   dets = inference.details(nets, params, recs, x, inference.uses_dpn(config))
   if config.eval.scoring == 'crd':
-    amap = crd_map(nets, params, dets, x)
+    amap = crd_map(nets, params, dets, x, config.eval.get('crd_sigma', 0.0))
   elif config.eval.scoring == 'recursion':
     amap = recursion_map(dets, x, config.eval)
   elif config.eval.scoring == 'fused':
-    amap = fusion.fuse(crd_map(nets, params, dets, x),
+    amap = fusion.fuse(crd_map(nets, params, dets, x,
+                               config.eval.get('crd_sigma', 0.0)),
                        recursion_map(dets, x, config.eval), normalisers)
   else:
     raise ValueError(f"eval.scoring must be 'crd', 'recursion' or 'fused', "

@@ -30,13 +30,23 @@ class Networks:
   dpn: models.DPN
   crd: models.CRD
   crd_steps: tuple[int, ...]  # Which recursion steps CRD sees (0-based).
+  # DPN's guide made from I (`model.dpn_guide`, losses.guide_image) and the
+  # blur of 'blurred_grad' (`model.dpn_guide_sigma`, px).
+  dpn_guide: str = 'signed_diff'
+  dpn_guide_sigma: float = 1.0
+
+  def guide(self, x):
+    return losses.guide_image(x, self.dpn_guide, self.dpn_guide_sigma)
 
 
 def build_networks(model_cfg) -> Networks:
+  # .get: configs saved before these fields existed mean the original.
   return Networks(models.build_rcae(model_cfg), models.build_dpn(model_cfg),
                   models.build_crd(model_cfg),
                   tuple(models.crd_step_indices(model_cfg.depth,
-                                                model_cfg.crd_steps)))
+                                                model_cfg.crd_steps)),
+                  dpn_guide=model_cfg.get('dpn_guide', 'signed_diff'),
+                  dpn_guide_sigma=model_cfg.get('dpn_guide_sigma', 1.0))
 
 
 def uses_dpn(config) -> bool:
@@ -65,7 +75,7 @@ def init_params(nets: Networks, rng: jax.Array, image_size) -> dict:
   k1, k2, k3 = jax.random.split(rng, 3)
   rcae = nets.rcae.init(k1, x)['params']
   recs = jnp.zeros((nets.rcae.depth, *x.shape), jnp.float32)
-  dpn = nets.dpn.init(k2, recs, losses.gradient_image(x))['params']
+  dpn = nets.dpn.init(k2, recs, nets.guide(x))['params']
   crd = nets.crd.init(k3, recs[jnp.array(nets.crd_steps)], x)['params']
   return {'rcae': rcae, 'dpn': dpn, 'crd': crd}
 
@@ -86,14 +96,14 @@ def details(nets: Networks, params, recs, x, use_dpn: bool):
   """I_D^n = I_R^n + DPN residual, or I_R^n when DPN is not used."""
   if not use_dpn:
     return recs
-  return nets.dpn.apply({'params': params['dpn']}, recs,
-                        losses.gradient_image(x))
+  return nets.dpn.apply({'params': params['dpn']}, recs, nets.guide(x))
 
 
-def crd_logits(nets: Networks, params, dets, x):
-  """CRD's per-pixel anomaly logits, [B, H, W, 1]."""
+def crd_logits(nets: Networks, params, dets, x, keep_images=None):
+  """CRD's per-pixel anomaly logits, [B, H, W, 1]. `keep_images` (float
+  [B]): stage 3's input dropout (models.CRD); None at inference."""
   return nets.crd.apply({'params': params['crd']},
-                        dets[jnp.array(nets.crd_steps)], x)
+                        dets[jnp.array(nets.crd_steps)], x, keep_images)
 
 
 def count_params(tree) -> int:

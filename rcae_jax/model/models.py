@@ -369,13 +369,15 @@ class UNet(nn.Module):
 
 
 class DPN(nn.Module):
-  """Detail Preservation Network: I_D^n = I_R^n + UNet(I_R^n ⊕ I')."""
+  """Detail Preservation Network: I_D^n = I_R^n + UNet(I_R^n ⊕ I'), I'
+  the guide of `model.dpn_guide` (losses.guide_image; made by the caller,
+  so this module's only setting that shapes it is the guide's width G)."""
   width: int = 32
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, recs, grad_input):
-    """recs [N,B,H,W,C]; grad_input [B,H,W,G] (gradient image of I)."""
+    """recs [N,B,H,W,C]; grad_input [B,H,W,G] (the guide made from I)."""
     n, b = recs.shape[:2]
     g = jnp.broadcast_to(grad_input, (n, *grad_input.shape))
     x = jnp.concatenate([recs, g], axis=-1).reshape(n * b, *recs.shape[2:4], -1)
@@ -397,18 +399,33 @@ class CRD(nn.Module):
   # low-contrast category a defect that moves a few grey levels is then as
   # visible to CRD as a strong one on a bright category.
   normalize: bool = False
+  # Also feed |I_D^n - I| as C more channels (ours, `model.crd_residual`):
+  # the cross-depth residual, which CRD should read, handed to it directly
+  # beside the paper's I_D^n ⊕ I (which stays).
+  residual: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, details, image):
-    """details [N,B,H,W,C], image [B,H,W,C] -> map logits [B,H,W,1]."""
+  def __call__(self, details, image, keep_images=None):
+    """details [N,B,H,W,C], image [B,H,W,C] -> map logits [B,H,W,1].
+
+    `keep_images` (float [B], training only; `train.stage3.input_dropout`):
+    0 zeroes that sample's I_D^n and I channels, leaving the residual
+    channels, so CRD cannot solve its task from the look of I alone. None
+    (inference) keeps everything."""
     if self.normalize:
       mean = image.mean(axis=(1, 2, 3), keepdims=True)
       std = image.std(axis=(1, 2, 3), keepdims=True) + 1e-3
       details, image = (details - mean) / std, (image - mean) / std
     n = details.shape[0]
     img = jnp.broadcast_to(image, (n, *image.shape))
-    x = jnp.concatenate([details, img], axis=-1)   # [N,B,H,W,2C]
+    parts = [details, img]
+    if keep_images is not None:
+      keep = keep_images.astype(details.dtype).reshape(1, -1, 1, 1, 1)
+      parts = [details * keep, img * keep]
+    if self.residual:
+      parts.append(jnp.abs(details - img))
+    x = jnp.concatenate(parts, axis=-1)   # [N,B,H,W,2C or 3C]
     x = jnp.moveaxis(x, 0, 1).astype(self.dtype)   # [B,N,H,W,2C]
     h = UNet(self.width, 4, ndim=3, dtype=self.dtype)(x)
     h = jnp.concatenate([h.mean(axis=1), h.max(axis=1)], axis=-1)
@@ -434,6 +451,7 @@ def build_dpn(cfg) -> DPN:
 
 def build_crd(cfg) -> CRD:
   return CRD(width=cfg.crd_width, normalize=cfg.crd_normalize,
+             residual=cfg.get('crd_residual', False),
              dtype=jnp.dtype(cfg.dtype))
 
 

@@ -81,7 +81,8 @@ def batch_maps(params, images, *, nets, config, use_dpn: bool) -> dict:
   x = inference.to_float(images)
   recs = inference.reconstructions(nets, params, x)
   dets = inference.details(nets, params, recs, x, use_dpn)
-  out = {f'crd_{name}': maps_lib.crd_map(nets, params, d, x)
+  out = {f'crd_{name}': maps_lib.crd_map(nets, params, d, x,
+                                          config.eval.get('crd_sigma', 0.0))
          for name, d in crd_inputs(dets, x).items()}
   out['recursion'] = maps_lib.recursion_map(dets, x, config.eval)
   out['rec_error'] = scoring.depth_errors(recs, x).swapaxes(0, 1)

@@ -21,6 +21,20 @@ and can run inside the jitted stage-3 train step on the accelerator.
 Mask contract: the returned mask is exactly the set of pixels that differ from
 the input.  Pixels outside the mask are bit-identical to the input, pixels
 inside differ by more than ``CHANGE_EPS`` in at least one channel.
+
+That is ``style='paper'`` (the default).  ``style='realistic'`` (ours, after
+DRAEM, CutPaste, NSA and MemSeg; ``realistic_one``) makes anomalies that look
+like defects rather than stickers, so that the detector cannot find them from
+the look of the input alone: one irregular blob (thresholded smooth noise
+around a random elongated centre), thin scar at any angle, or rotated
+rectangle per anomalous sample, of 0.1 % to 5 % of the image; filled with a
+colour of the image's own palette, with the same image visibly changed
+(rotated by any angle, rescaled, shifted, gamma or inversion), or by a smooth
+local warp; opacity down to 0.2 and soft edges; grey on grey images; about
+half the samples clean.  Its mask contract is stricter: a pixel is labelled
+only where it changed by more than ``realistic.visible_change`` in some
+channel, and every pixel that changed less is reset to the input, so nothing
+invisible is labelled and nothing outside the mask differs.
 """
 
 from __future__ import annotations
@@ -31,11 +45,15 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 # A pixel counts as changed when some channel moved by more than this.
 CHANGE_EPS = 1e-6
 
 KINDS = ('patch', 'line', 'copy_paste')
+STYLES = ('paper', 'realistic')
+SHAPES = ('blob', 'scar', 'rect')
+FILLS = ('palette', 'self', 'warp')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -89,6 +107,52 @@ def default_config() -> ml_collections.ConfigDict:
   # The blob threshold in standard deviations of the noise field, uniform
   # in this range: about 16 % (1.0) to 2 % (2.0) of the image is covered.
   c.noise_threshold = (1.0, 2.0)
+  # 'paper': the fields above (the paper's three kinds; bit-identical to
+  # before). 'realistic' (ours): `realistic.*` below, the fields above are
+  # not read. One switch for the whole recipe; each knob is a field.
+  c.style = 'paper'
+  c.realistic = r = ml_collections.ConfigDict()
+  # Probability of a clean sample (all-zero mask): about half (ours).
+  r.clean_fraction = 0.5
+  # Outline of the one defect per anomalous sample, and relative weights:
+  # 'blob' (smooth noise thresholded around an elongated centre: irregular
+  # outlines), 'scar' (a thin, slightly wavy segment at any angle), 'rect'
+  # (a rectangle at any angle; with 'self' it is CutPaste).
+  r.shapes = ('blob', 'scar', 'rect')
+  r.shape_weights = (3.0, 1.0, 0.0)
+  # What fills it, and relative weights: 'palette' (a colour of the image
+  # itself, picked among 8 of its pixels as the one farthest from what it
+  # covers, shifted in brightness by up to +-palette_jitter), 'self' (the
+  # same image sampled around another point, rotated by any angle, rescaled
+  # by `scale`, then gamma in `gamma` with probability 1/2 and inverted
+  # with probability `invert_prob`), 'warp' (the image displaced by a
+  # smooth field of up to `warp_max` of the shorter side, inside the
+  # outline: dents, bends).
+  r.fills = ('palette', 'self', 'warp')
+  r.fill_weights = (1.0, 1.0, 1.0)
+  # Area of blobs and rectangles as a fraction of the image, log-uniform:
+  # real defects cover ~0.1 % to a few %.
+  r.min_area = 0.001
+  r.max_area = 0.05
+  # Scar length (fraction of the shorter side, uniform) and maximum width
+  # (fraction of the shorter side; at least 1 px).
+  r.scar_length = (0.1, 0.5)
+  r.scar_width = 0.02
+  # Opacity of palette and self fills, uniform in [min_opacity, 1] (low
+  # values give low-contrast defects); warps are not blended.
+  r.min_opacity = 0.2
+  # Edge softness: the outline is blurred with a Gaussian of sigma uniform
+  # in [0, edge_sigma] px before blending.
+  r.edge_sigma = 1.0
+  r.palette_jitter = 0.15
+  r.scale = (0.5, 2.0)
+  r.gamma = (0.4, 2.5)
+  r.invert_prob = 0.2
+  r.warp_max = 0.03
+  # Visibility: a pixel is labelled anomalous only if some channel changed
+  # by more than this (about 5 grey levels in 255); smaller changes are
+  # reset to the input. "Do not label what cannot be seen."
+  r.visible_change = 0.02
   return c
 
 
@@ -122,7 +186,58 @@ def _validate(config) -> Tuple[Tuple[str, ...], Tuple[float, ...]]:
     raise ValueError('noise_fraction must lie in [0, 1]')
   if not 0.0 < config.noise_min_cell <= config.noise_max_cell <= 1.0:
     raise ValueError('need 0 < noise_min_cell <= noise_max_cell <= 1')
+  style = config.get('style', 'paper')
+  if style not in STYLES:
+    raise ValueError(f'anomalies.style must be one of {STYLES}, got '
+                     f'{style!r}')
+  if style == 'realistic':
+    _validate_realistic(config.realistic)
   return kinds, weights
+
+
+def _check_weighted(names, weights, allowed, what):
+  names, weights = tuple(names), tuple(float(w) for w in weights)
+  if not names or any(n not in allowed for n in names) or len(
+      set(names)) != len(names):
+    raise ValueError(f'anomalies.realistic.{what} must name distinct '
+                     f'entries of {allowed}, got {names}')
+  if len(weights) != len(names) or any(w < 0 for w in weights) or (
+      sum(weights) <= 0):
+    raise ValueError(f'anomalies.realistic.{what[:-1]}_weights needs one '
+                     f'weight >= 0 per entry, with a positive sum: {weights}')
+  return names, weights
+
+
+def _validate_realistic(r):
+  """Checks `realistic.*`; returns ((shapes, weights), (fills, weights))."""
+  shapes = _check_weighted(r.shapes, r.shape_weights, SHAPES, 'shapes')
+  fills = _check_weighted(r.fills, r.fill_weights, FILLS, 'fills')
+  if not 0.0 <= r.clean_fraction < 1.0:
+    raise ValueError('anomalies.realistic.clean_fraction must lie in [0, 1)')
+  if not 0.0 < r.min_area <= r.max_area <= 1.0:
+    raise ValueError('anomalies.realistic: need 0 < min_area <= max_area '
+                     '<= 1')
+  lo, hi = r.scar_length
+  if not 0.0 < lo <= hi <= 2.0:
+    raise ValueError('anomalies.realistic.scar_length must be (lo, hi) with '
+                     '0 < lo <= hi')
+  if not 0.0 < r.min_opacity <= 1.0:
+    raise ValueError('anomalies.realistic.min_opacity must lie in (0, 1]')
+  if not 0.0 <= r.visible_change < 1.0:
+    raise ValueError('anomalies.realistic.visible_change must lie in [0, 1)')
+  if (r.edge_sigma < 0 or r.scar_width < 0 or r.warp_max < 0 or
+      r.palette_jitter < 0 or not 0.0 <= r.invert_prob <= 1.0 or
+      not 0.0 < r.scale[0] <= r.scale[1] or
+      not 0.0 < r.gamma[0] <= r.gamma[1]):
+    raise ValueError('anomalies.realistic: edge_sigma, scar_width, warp_max, '
+                     'palette_jitter must be >= 0, invert_prob in [0, 1], '
+                     'scale and gamma (lo, hi) with 0 < lo <= hi')
+  return shapes, fills
+
+
+def check_config(config) -> None:
+  """Raises ValueError (one line) if the anomaly config is invalid."""
+  _validate(config)
 
 
 # ---------------------------------------------------------------------------
@@ -427,6 +542,165 @@ def noise_texture_one(key: jax.Array, image: jax.Array, source: jax.Array,
           mask[..., None].astype(jnp.float32))
 
 
+# ---------------------------------------------------------------------------
+# The realistic style (ours).
+# ---------------------------------------------------------------------------
+
+# Noise cells of the blob outlines and warps (fractions of the side); the
+# one nearest the defect's radius is used.
+_REAL_OCTAVES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
+
+
+def _pick(u, weights):
+  """Index into `weights` (static, >= 0, positive sum) drawn by u in [0, 1):
+  a zero weight is never picked."""
+  cum = jnp.cumsum(jnp.asarray(weights, jnp.float32))
+  return jnp.minimum(jnp.sum(u * cum[-1] >= cum), len(weights) - 1)
+
+
+def _select(index, options):
+  return options[0] if len(options) == 1 else jnp.stack(options)[index]
+
+
+def _blur2d(x, sigma, radius: int):
+  """Separable Gaussian blur of [H, W] with a traced sigma (>= 0; ~0 is
+  the identity) and a static kernel radius, edge-padded."""
+  t = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  k = jnp.exp(-t * t / (2.0 * jnp.maximum(sigma, 1e-3) ** 2))
+  k = k / k.sum()
+  xp = jnp.pad(x, radius, mode='edge')[None, :, :, None]
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  y = jax.lax.conv_general_dilated(xp, k.reshape(-1, 1, 1, 1), (1, 1),
+                                   'VALID', dimension_numbers=dn)
+  y = jax.lax.conv_general_dilated(y, k.reshape(1, -1, 1, 1), (1, 1),
+                                   'VALID', dimension_numbers=dn)
+  return y[0, :, :, 0]
+
+
+def _sample(image, ys, xs):
+  """Bilinear samples of image [H, W, C] at float coordinates [H, W]
+  (pixel indices), edges clamped."""
+  return jnp.stack([jax.scipy.ndimage.map_coordinates(
+      image[..., ch], [ys, xs], order=1, mode='nearest')
+                    for ch in range(image.shape[-1])], axis=-1)
+
+
+def _octave_noise(key, h, w, index):
+  """Smooth noise [H, W] at `_REAL_OCTAVES[index]` (index traced)."""
+  keys = jax.random.split(key, len(_REAL_OCTAVES))
+  return _select(index, [smooth_noise(k, h, w, c)
+                         for k, c in zip(keys, _REAL_OCTAVES)])
+
+
+def realistic_one(key: jax.Array, image: jax.Array, config
+                  ) -> Tuple[jax.Array, jax.Array]:
+  """One sample of `style='realistic'` (see the module docstring and
+  `default_config().realistic`). Same signature as `synthesize_one`."""
+  r = config.realistic
+  (shapes, shape_w), (fills, fill_w) = _validate_realistic(r)
+  image = jnp.asarray(image, jnp.float32)
+  h, w, c = image.shape
+  side = float(min(h, w))
+  k_u, k_blob, k_wy, k_wx = jax.random.split(key, 4)
+  u = iter(jax.random.uniform(k_u, (40,)))  # Consumed in a fixed order.
+  lerp = lambda lo, hi: lo + (hi - lo) * next(u)
+  log_lerp = lambda lo, hi: jnp.exp(lerp(jnp.log(lo), jnp.log(hi)))
+  yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32),
+                        jnp.arange(w, dtype=jnp.float32), indexing='ij')
+
+  # Where and how big: a centre, an orientation, an area and an aspect.
+  cy, cx = lerp(0.0, h - 1.0), lerp(0.0, w - 1.0)
+  theta = lerp(0.0, jnp.pi)
+  area = log_lerp(r.min_area, r.max_area) * h * w  # Pixels.
+  aspect = log_lerp(1 / 3, 3.0)
+  along = (yy - cy) * jnp.sin(theta) + (xx - cx) * jnp.cos(theta)
+  across = (yy - cy) * jnp.cos(theta) - (xx - cx) * jnp.sin(theta)
+  radius = jnp.sqrt(area / jnp.pi)
+  # Noise cell nearest the radius (as a fraction of the side).
+  octave = jnp.argmin(jnp.abs(jnp.log2(jnp.asarray(_REAL_OCTAVES)) -
+                              jnp.log2(radius / side)))
+
+  outlines = []
+  for shape in shapes:
+    if shape == 'blob':
+      # log of an elongated Gaussian bump plus noise: its top `area` pixels
+      # form one irregular blob of exactly that area.
+      d2 = (along / jnp.sqrt(aspect)) ** 2 + (across * jnp.sqrt(aspect)) ** 2
+      g = -d2 / (2 * radius ** 2) + lerp(0.5, 2.0) * _octave_noise(
+          k_blob, h, w, octave)
+      k = jnp.clip(jnp.round(area).astype(jnp.int32), 1, h * w)
+      outlines.append(g >= jnp.sort(g.ravel())[h * w - k])
+    elif shape == 'scar':
+      length = lerp(*r.scar_length) * side
+      width = lerp(1.0, max(1.0, r.scar_width * side))
+      wave = (lerp(0.0, 0.08) * length *
+              jnp.sin(2 * jnp.pi * lerp(0.3, 1.5) * along / length +
+                      lerp(0.0, 2 * jnp.pi)))
+      outlines.append((jnp.abs(along) <= length / 2) &
+                      (jnp.abs(across - wave) <= width / 2))
+    else:  # 'rect'
+      half_a = jnp.sqrt(area * aspect) / 2
+      half_b = jnp.sqrt(area / aspect) / 2
+      outlines.append((jnp.abs(along) <= jnp.maximum(half_a, 0.5)) &
+                      (jnp.abs(across) <= jnp.maximum(half_b, 0.5)))
+  region = _select(_pick(next(u), shape_w), outlines)
+  soft = _blur2d(region.astype(jnp.float32), lerp(0.0, r.edge_sigma),
+                 max(1, int(np.ceil(3 * r.edge_sigma))))
+  opacity = lerp(r.min_opacity, 1.0)
+
+  candidates, alphas = [], []
+  for fill in fills:
+    if fill == 'palette':
+      # 8 of the image's own pixels; the one farthest from what is covered.
+      iy = jnp.floor(jax.random.uniform(jax.random.fold_in(k_u, 1), (8,))
+                     * h).astype(jnp.int32)
+      ix = jnp.floor(jax.random.uniform(jax.random.fold_in(k_u, 2), (8,))
+                     * w).astype(jnp.int32)
+      palette = image[jnp.clip(iy, 0, h - 1), jnp.clip(ix, 0, w - 1)]
+      covered = _region_mean(region, image)
+      colour = palette[jnp.argmax(jnp.sum(jnp.abs(palette - covered), -1))]
+      colour = jnp.clip(colour + lerp(-r.palette_jitter, r.palette_jitter),
+                        0.0, 1.0)  # One shift for every channel: grey stays.
+      candidates.append(jnp.broadcast_to(colour, image.shape))
+      alphas.append(opacity * soft)
+    elif fill == 'self':
+      # The image around another point, rotated by any angle and rescaled.
+      sy, sx = lerp(0.0, h - 1.0), lerp(0.0, w - 1.0)
+      phi, scale = lerp(0.0, 2 * jnp.pi), log_lerp(*r.scale)
+      dy, dx = yy - cy, xx - cx
+      src_y = sy + scale * (jnp.cos(phi) * dy - jnp.sin(phi) * dx)
+      src_x = sx + scale * (jnp.sin(phi) * dy + jnp.cos(phi) * dx)
+      moved = jnp.clip(_sample(image, src_y, src_x), 0.0, 1.0)
+      gamma = log_lerp(*r.gamma)
+      moved = jnp.where(next(u) < 0.5, moved ** gamma, moved)
+      moved = jnp.where(next(u) < r.invert_prob, 1.0 - moved, moved)
+      candidates.append(moved)
+      alphas.append(opacity * soft)
+    else:  # 'warp': a smooth displacement field, tapered by the outline.
+      amp = lerp(0.5, 1.0) * max(1.0, r.warp_max * side)
+      # Tapered over a few px so the field is smooth (no tearing).
+      window = _blur2d(region.astype(jnp.float32),
+                       jnp.clip(radius / 3, 0.5, 4.0), 12)
+      wy = amp * window * _octave_noise(k_wy, h, w, octave)
+      wx = amp * window * _octave_noise(k_wx, h, w, octave)
+      candidates.append(_sample(image, yy + wy, xx + wx))
+      alphas.append(jnp.ones_like(soft))
+  fill_idx = _pick(next(u), fill_w)
+  fill, alpha = _select(fill_idx, candidates), _select(fill_idx, alphas)
+
+  out = jnp.clip(image + alpha[..., None] * (fill - image), 0.0, 1.0)
+  # Grey images get grey defects: real pixels there have no chroma.
+  grey = jnp.max(jnp.abs(image - image.mean(-1, keepdims=True))) < 1e-3
+  out = jnp.where(grey, jnp.broadcast_to(out.mean(-1, keepdims=True),
+                                         out.shape), out)
+  clean = next(u) < r.clean_fraction
+  visible = jnp.max(jnp.abs(out - image), axis=-1) > max(
+      r.visible_change, CHANGE_EPS)
+  mask = visible & ~clean
+  return (jnp.where(mask[..., None], out, image),
+          mask[..., None].astype(jnp.float32))
+
+
 def synthesize(key: jax.Array, images: jax.Array, config
                ) -> Tuple[jax.Array, jax.Array]:
   """Batched `synthesize_one` (vmapped; one independent key per sample).
@@ -444,6 +718,9 @@ def synthesize(key: jax.Array, images: jax.Array, config
     raise ValueError(f'expected images [B, H, W, C], got shape {images.shape}')
   _validate(config)
   keys = jax.random.split(key, images.shape[0])
+  if config.get('style', 'paper') == 'realistic':
+    return jax.vmap(functools.partial(realistic_one, config=config))(
+        keys, images)
   fn = functools.partial(synthesize_one, config=config)
   out, masks = jax.vmap(fn)(keys, images)
   if not config.noise_fraction:

@@ -44,6 +44,7 @@ import numpy as np
 import optax
 
 from rcae_jax.common import checkpoints
+from rcae_jax.common import errors
 from rcae_jax.common import writers
 from rcae_jax.data import input_pipeline
 from rcae_jax.model import inference
@@ -131,17 +132,28 @@ def stage2_step(state, frozen, batch, rng, *, nets, tx, crop_size=0):
   return state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
 
 
+def input_keep(rng: jax.Array, batch: int, dropout: float):
+  """Stage 3's input dropout: float [B], 0 where CRD's image channels are
+  zeroed (probability `dropout`, per sample), or None when off (0)."""
+  if not dropout:
+    return None
+  # A stream of its own, so the other draws of the step stay as they were.
+  u = jax.random.uniform(jax.random.fold_in(rng, 0x64726f70), (batch,))
+  return (u >= dropout).astype(jnp.float32)
+
+
 def stage3_step(state, frozen, batch, rng, *, nets, tx, use_dpn,
-                anomaly_cfg, crop_size=0):
+                anomaly_cfg, crop_size=0, input_dropout=0.0):
   x = random_crop(inference.to_float(batch['image']), rng, crop_size)
   # Pseudo-anomalies are made here, on the device, inside the jitted step.
   x_anom, mask = anomalies.synthesize(rng, x, anomaly_cfg)
   recs = inference.reconstructions(nets, frozen, x_anom)
   dets = inference.details(nets, frozen, recs, x_anom, use_dpn)
+  keep = input_keep(rng, x.shape[0], input_dropout)
 
   def loss_fn(crd_params):
     pred = jax.nn.sigmoid(inference.crd_logits(nets, {'crd': crd_params},
-                                               dets, x_anom))
+                                               dets, x_anom, keep))
     return losses.l2_with_gradient(pred, mask)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -173,7 +185,8 @@ def make_step(config, stage: int, nets: inference.Networks, mesh=None
   else:
     fn = functools.partial(stage3_step, nets=nets, tx=tx,
                            use_dpn=inference.uses_dpn(config),
-                           anomaly_cfg=config.anomalies, crop_size=crop)
+                           anomaly_cfg=config.anomalies, crop_size=crop,
+                           input_dropout=stage_cfg.get('input_dropout', 0.0))
   guarded = nonfinite.guard(fn)
   # Depth (stage 1) is a static positional argument: one program per depth.
   positional = lambda state, frozen, batch, rng, health, depth: guarded(
@@ -267,8 +280,9 @@ def train_and_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   writer = writers.create_writer(workdir, jax.process_index() == 0)
   try:
     if ckpt.latest_step() is not None:  # Something to resume: same model?
-      # Before compiling.
-      checkpoints.check_resume_compatible(config, ckpt.directory)
+      # Before compiling. A network not trained yet may change (forks).
+      checkpoints.check_resume_compatible(config, ckpt.directory,
+                                          ckpt.latest_progress())
     with preemption.StopRequest() as stop:
       return train_stages(config, loader, writer, ckpt, stop, on_eval)
   finally:
@@ -282,10 +296,16 @@ def train_stages(config, loader, writer, ckpt, stop: preemption.StopRequest,
   params = initial_params(nets, config)
   log_param_counts(params)
   progress = {'stage': 1, 'stage_step': 0, 'global_step': 0}
+  reinit = {}
   restored = ckpt.restore_latest(
-      lambda stage: train_state.abstract_state(params, stage, config))
+      lambda stage: train_state.abstract_state(params, stage, config),
+      reconcile=functools.partial(reconcile_networks, reinit=reinit))
   if restored is not None:
     progress, state = restored
+    if reinit:  # Untrained networks of other shapes: the config's instead.
+      state = state.replace(params=dict(state.params,
+                                        **{k: params[k] for k in reinit}))
+      restored = progress, state
     params = state.params
     logging.info('Resuming from checkpoint at stage %d step %d (global %d)',
                  progress['stage'], progress['stage_step'],
@@ -310,6 +330,49 @@ def train_stages(config, loader, writer, ckpt, stop: preemption.StopRequest,
   if stop.signalled:  # Arrived after the last step's check: all is saved.
     stop_preempted(ckpt, progress)
   return params
+
+
+def _shapes(tree) -> dict:
+  """{path: shape} of a tree of arrays, ShapeDtypeStructs or Orbax array
+  metadata (all have .shape)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path): tuple(leaf.shape)
+          for path, leaf in leaves}
+
+
+def reconcile_networks(progress: dict, target, saved_shapes, reinit: dict):
+  """The restore target, adapted for forks (checkpoints.Checkpointer's
+  `reconcile`): a network whose saved shapes differ from the config's
+  (e.g. model.crd_residual or model.dpn_guide changed) is restored with
+  the saved shapes and marked in `reinit` to be re-initialised, if its
+  stage has not begun; if it has, ConfigError: a trained network must
+  match."""
+  saved = saved_shapes()
+  if saved is None:  # Unreadable: restore as before, Orbax decides.
+    return target
+  saved = saved['params']
+  for stage, name in enumerate(train_state.STAGES, start=1):
+    if name not in saved or _shapes(saved[name]) == _shapes(
+        target.params[name]):
+      continue
+    if stage == 1 or checkpoints.stage_begun(progress, stage):
+      raise errors.ConfigError(
+          f'the checkpoint (stage {progress["stage"]} step '
+          f'{progress["stage_step"]}) holds a trained {name.upper()} whose '
+          'parameter shapes differ from the config\'s: set its model fields '
+          'back, or fork a workdir saved before stage '
+          f'{stage} began')
+    if name not in reinit:
+      logging.warning(
+          'Re-initialising %s: its saved parameter shapes differ from the '
+          "config's and stage %d has not begun (checkpoint at stage %d step "
+          '%d).', name.upper(), stage, progress['stage'],
+          progress['stage_step'])
+    reinit[name] = True
+    target = target.replace(params=dict(target.params, **{
+        name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                           saved[name])}))
+  return target
 
 
 def run_stage(config, stage, nets, state, start, progress, loader, writer,
