@@ -17,18 +17,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), 'configs'))
+from rcae_jax import config_files
+from rcae_jax.model import inference
+from rcae_jax.training import sharding
+from rcae_jax.training import train
 
-from rcae_jax.model import inference  # pylint: disable=g-import-not-at-top
-from rcae_jax.training import sharding  # pylint: disable=g-import-not-at-top
-from rcae_jax.training import train  # pylint: disable=g-import-not-at-top
+# configs/default.py of this checkout (the repository root, beside the
+# package).
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), 'configs', 'default.py')
 
 
 def measure(config, num_devices: int, steps: int) -> float:
@@ -55,7 +57,6 @@ def measure(config, num_devices: int, steps: int) -> float:
 
 
 def main(argv=None):
-  import default  # configs/default.py  # pylint: disable=g-import-not-at-top
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--devices', default='1,2,4,8')
   ap.add_argument('--steps', type=int, default=10)
@@ -65,7 +66,7 @@ def main(argv=None):
   ap.add_argument('--depth', type=int, default=4)
   ap.add_argument('--json', default='')
   args = ap.parse_args(argv)
-  config = default.get_config()
+  config = config_files.base(DEFAULT_CONFIG, 'default')
   config.train.batch_size = args.batch
   config.data.image_size = args.image_size
   config.model.width = args.width
