@@ -23,10 +23,18 @@ from rcae_jax.evaluation import scoring
 from rcae_jax.model import inference
 
 
-def predict(params, images, extents=None, *, nets: inference.Networks, config):
+# What evaluation and production read back for every batch; the per-depth
+# reconstructions ([N, B, H, W, 3] twice) only for the few pictures.
+MAP_SCORE = ('map', 'score')
+
+
+def predict(params, images, extents=None, *, nets: inference.Networks, config,
+            outputs=None):
   """Full inference: reconstructions, detail-restored ones, map, score.
   `extents` (int [B, 2], data.resize='keep_aspect'): each image's valid
-  region, the only place its score may come from; None: all of it."""
+  region, the only place its score may come from; None: all of it.
+  `outputs` (static): the keys to return, e.g. MAP_SCORE, so that a jitted
+  program neither keeps nor hands back the reconstructions; None: all."""
   x = inference.to_float(images)
   recs = inference.reconstructions(nets, params, x)
   dets = inference.details(nets, params, recs, x, inference.uses_dpn(config))
@@ -42,13 +50,34 @@ def predict(params, images, extents=None, *, nets: inference.Networks, config):
                      f'{config.eval.scoring!r}')
   valid = (None if extents is None
            else geometry.valid_mask(extents, amap.shape[1:]))
-  return {'recs': recs, 'details': dets, 'map': amap,
-          'score': scoring.image_scores(amap, config.eval, valid)}
+  out = {'recs': recs, 'details': dets, 'map': amap,
+         'score': scoring.image_scores(amap, config.eval, valid)}
+  return out if outputs is None else {k: out[k] for k in outputs}
 
 
-def make_predict_fn(config, nets=None):
+class PredictFn:
+  """`predict` jitted: calling it runs the full program; `map_score` the
+  map-and-score-only one, which evaluation and production run on every
+  batch (each compiles on its first call)."""
+
+  def __init__(self, config, nets):
+    fn = functools.partial(predict, nets=nets, config=config)
+    self._full = jax.jit(fn)
+    self.map_score = jax.jit(functools.partial(fn, outputs=MAP_SCORE))
+
+  def __call__(self, *args):
+    return self._full(*args)
+
+
+def map_score_fn(predict_fn):
+  """The map-and-score-only program of a `make_predict_fn` result; any
+  other callable (a test's stand-in) is used as it is."""
+  return getattr(predict_fn, 'map_score', predict_fn)
+
+
+def make_predict_fn(config, nets=None) -> PredictFn:
   nets = nets or inference.build_networks(config.model)
-  return jax.jit(functools.partial(predict, nets=nets, config=config))
+  return PredictFn(config, nets)
 
 
 def upsample(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
