@@ -456,7 +456,7 @@ def host_params(config, seed: int = 0) -> dict:
 
 def to_nchw(x: np.ndarray):
   lib = torch_lib()
-  return lib.torch.from_numpy(np.ascontiguousarray(
+  return lib.torch.from_numpy(np.array(  # A writable copy.
       np.moveaxis(np.asarray(x, np.float32), -1, -3)))
 
 
