@@ -26,14 +26,50 @@ def collect(loader, batch_size: int, fn, split: str = 'test') -> dict:
   example's 'label' and 'mask'. The last batch is padded to a fixed shape
   so that jit compiles once; `valid` marks its real rows. Only what `fn`
   returns is kept for the whole split, so per-batch work that must not
-  hold host memory (keeping a few pictures) belongs inside `fn`."""
-  rows = {}
+  hold host memory (keeping a few pictures) belongs inside `fn`.
+
+  Batch k is read back only after batch k + 1 has been dispatched, so the
+  device computes one batch while the host loads the next and copies the
+  last one out: `fn` should return device arrays without waiting on them."""
+  rows, pending = {}, None
+
+  def read_back(out, valid):
+    for name, value in out.items():
+      rows.setdefault(name, []).append(np.asarray(value)[valid])
+
   for batch in loader.test_batches(batch_size, split=split):
     valid = np.asarray(batch['valid'], bool)
     out = dict(fn(batch, valid), label=batch['label'], mask=batch['mask'])
-    for name, value in out.items():
-      rows.setdefault(name, []).append(np.asarray(value)[valid])
+    if pending is not None:
+      read_back(*pending)
+    pending = (out, valid)
+  if pending is not None:
+    read_back(*pending)
   return {name: np.concatenate(parts) for name, parts in rows.items()}
+
+
+def picture_outputs(predict_fn, params, items: dict, batch_size: int,
+                    padded: bool) -> dict:
+  """{index: (recs [N, H, W, 3], details, box)} for `items` {index: (image
+  [H, W, 3], extent (h, w), box)}: the full predict (every depth's
+  reconstructions) run on just these images, in batches of `batch_size`
+  (the evaluation's shape), instead of reading every batch's
+  reconstructions back for the few pictures."""
+  kept, order = {}, sorted(items)
+  for start in range(0, len(order), batch_size):
+    idx = order[start:start + batch_size]
+    images = np.stack([items[i][0] for i in idx])
+    extents = np.asarray([items[i][1] for i in idx], np.int32)
+    pad = batch_size - len(idx)
+    images = np.concatenate([images, np.zeros((pad, *images.shape[1:]),
+                                              images.dtype)])
+    extents = np.concatenate([extents, np.repeat(extents[:1], pad, 0)])
+    out = (predict_fn(params, images, extents) if padded
+           else predict_fn(params, images))
+    recs, dets = np.asarray(out['recs']), np.asarray(out['details'])
+    for j, i in enumerate(idx):
+      kept[i] = (recs[:, j], dets[:, j], items[i][2])
+  return kept
 
 
 def run_predictions(params, loader, config, split: str = 'test',
@@ -47,23 +83,28 @@ def run_predictions(params, loader, config, split: str = 'test',
   if loader.tiling is not None:
     return run_tiled_predictions(params, loader, config, split, predict_fn,
                                  keep)
-  keep, kept, offset = set(keep), {}, 0
+  keep, pictured, offset = set(keep), {}, 0
+  map_score = maps_lib.map_score_fn(predict_fn)
   # Squashed images fill the model size: the program without extents.
   padded = config.data.resize != 'squash'
 
   def step(batch, valid):
     nonlocal offset
-    out = (predict_fn(params, batch['image'], batch['extent']) if padded
-           else predict_fn(params, batch['image']))
+    args = ((batch['image'], batch['extent']) if padded
+            else (batch['image'],))
+    # Maps and scores only: the reconstructions stay on the device.
+    out = map_score(params, *args)
     for j in np.flatnonzero(valid):
       if offset + j in keep:
-        kept[offset + j] = (np.asarray(out['recs'][:, j]),
-                            np.asarray(out['details'][:, j]),
-                            (0, 0) + tuple(int(v) for v in batch['extent'][j]))
+        extent = tuple(int(v) for v in batch['extent'][j])
+        pictured[offset + j] = (np.asarray(batch['image'][j]), extent,
+                                (0, 0) + extent)
     offset += int(valid.sum())
-    return {'map': out['map'], 'score': out['score']}
+    return out
 
   rows = collect(loader, config.eval.batch_size, step, split)
+  kept = picture_outputs(predict_fn, params, pictured,
+                         config.eval.batch_size, padded)
   return rows['map'], rows['score'], rows['label'], rows['mask'], kept
 
 
@@ -89,14 +130,12 @@ def run_tiled_predictions(params, loader, config, split: str, predict_fn,
   def predict_tiles(batch, pieces):
     nonlocal tiles
     tiles += len(pieces)
-    out = predict_fn(params, batch)
-    maps = np.asarray(out['map'])
+    maps = np.asarray(maps_lib.map_score_fn(predict_fn)(params, batch)['map'])
     for j, p in enumerate(pieces):
       if p.image in keep:
         peak = float(maps[j, :p.extent[0], :p.extent[1]].max())
         if p.image not in best or peak > best[p.image][0]:
-          best[p.image] = (peak, np.asarray(out['recs'][:, j]),
-                           np.asarray(out['details'][:, j]),
+          best[p.image] = (peak, np.asarray(batch[j]), tuple(p.extent),
                            p.origin + p.extent)
     return maps
 
@@ -107,7 +146,9 @@ def run_tiled_predictions(params, loader, config, split: str, predict_fn,
   logging.info('Tiled %s: %d images as %d tiles of %d source px (%d model '
                'px, overlap %.2f)', split, len(maps), tiles, t.tile, t.side,
                t.overlap)
-  kept = {i: v[1:] for i, v in best.items()}
+  kept = picture_outputs(predict_fn, params,
+                         {i: v[1:] for i, v in best.items()},
+                         config.eval.batch_size, padded=False)
   return maps, scores, np.asarray(labels, np.int32), masks, kept
 
 

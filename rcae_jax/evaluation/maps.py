@@ -44,12 +44,19 @@ def recursion_map(dets, x, eval_cfg):
       eval_cfg.map_sigma)
 
 
+# What evaluation and production read back for every batch; the per-depth
+# reconstructions ([N, B, H, W, 3] twice) only for the few pictures.
+MAP_SCORE = ('map', 'score')
+
+
 def predict(params, images, extents=None, *, nets: inference.Networks, config,
-            normalisers=None):
+            normalisers=None, outputs=None):
   """Full inference: reconstructions, detail-restored ones, map, score.
   `extents` (int [B, 2], data.resize='keep_aspect'): each image's valid
   region, the only place its score may come from; None: all of it.
-  `normalisers` (eval.scoring='fused' only): fusion.py's stored medians."""
+  `normalisers` (eval.scoring='fused' only): fusion.py's stored medians.
+  `outputs` (static): the keys to return, e.g. MAP_SCORE, so that a jitted
+  program neither keeps nor hands back the reconstructions; None: all."""
   x = inference.to_float(images)
   recs = inference.reconstructions(nets, params, x)
   dets = inference.details(nets, params, recs, x, inference.uses_dpn(config))
@@ -66,16 +73,37 @@ def predict(params, images, extents=None, *, nets: inference.Networks, config,
                      f'got {config.eval.scoring!r}')
   valid = (None if extents is None
            else geometry.valid_mask(extents, amap.shape[1:]))
-  return {'recs': recs, 'details': dets, 'map': amap,
-          'score': scoring.image_scores(amap, config.eval, valid)}
+  out = {'recs': recs, 'details': dets, 'map': amap,
+         'score': scoring.image_scores(amap, config.eval, valid)}
+  return out if outputs is None else {k: out[k] for k in outputs}
 
 
-def make_predict_fn(config, nets=None, normalisers=None):
+class PredictFn:
+  """`predict` jitted: calling it runs the full program; `map_score` the
+  map-and-score-only one, which evaluation and production run on every
+  batch (each compiles on its first call)."""
+
+  def __init__(self, config, nets, normalisers=None):
+    fn = functools.partial(predict, nets=nets, config=config,
+                           normalisers=normalisers)
+    self._full = jax.jit(fn)
+    self.map_score = jax.jit(functools.partial(fn, outputs=MAP_SCORE))
+
+  def __call__(self, *args):
+    return self._full(*args)
+
+
+def map_score_fn(predict_fn):
+  """The map-and-score-only program of a `make_predict_fn` result; any
+  other callable (a test's stand-in) is used as it is."""
+  return getattr(predict_fn, 'map_score', predict_fn)
+
+
+def make_predict_fn(config, nets=None, normalisers=None) -> PredictFn:
   """`predict` of `config`, jitted; `normalisers` are closed over as
   constants (eval.scoring='fused')."""
   nets = nets or inference.build_networks(config.model)
-  return jax.jit(functools.partial(predict, nets=nets, config=config,
-                                   normalisers=normalisers))
+  return PredictFn(config, nets, normalisers)
 
 
 def upsample(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -224,9 +224,10 @@ def score_all(config, workdir, todo, report, thresholds, out_dir) -> None:
   """Streams `todo` through the model, appending rows to `report` at most
   every `predict.flush_seconds` (and whatever is pending on the way out,
   also on an exception or Ctrl-C)."""
-  params = params_lib.load_params(config, workdir)
-  predict_fn = maps_lib.make_predict_fn(
-      config, normalisers=fusion.for_config(config, workdir))
+  params = params_lib.load_params(config, workdir)  # On the device, once.
+  # Maps and scores only: no reconstructions copied back per batch.
+  predict_fn = maps_lib.map_score_fn(maps_lib.make_predict_fn(
+      config, normalisers=fusion.for_config(config, workdir)))
   start = last_flush = time.monotonic()
   pending, done, errors = [], 0, 0
   try:

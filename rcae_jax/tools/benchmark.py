@@ -130,7 +130,9 @@ def random_params(config, seed: int = 0) -> dict:
 
 
 def load_or_init_params(config, bench) -> tuple[dict, str]:
-  """float32 parameters: the checkpoint's, or random ones."""
+  """float32 parameters on the device (the checkpoint's, or random ones):
+  both kinds are placed the same way, so the timings do not depend on where
+  the weights came from."""
   if bench.checkpoint_workdir:
     return (params_lib.load_params(config, bench.checkpoint_workdir),
             f'checkpoint:{fileio.absolute(bench.checkpoint_workdir)}')
@@ -218,11 +220,13 @@ def environment() -> dict:
 
 
 def predict_fn(config):
-  """The full inference function of `config` as f(params, images)."""
+  """The inference function of `config` as f(params, images): everything
+  is computed (all N reconstructions, DPN, CRD), the map and the score are
+  returned, as evaluation and production run it."""
   nets = inference.build_networks(config.model)
   # 'fused' costs the same whatever its normalisers; the maps go unread.
   return functools.partial(maps_lib.predict, nets=nets, config=config,
-                           normalisers=fusion.UNIT)
+                           normalisers=fusion.UNIT, outputs=maps_lib.MAP_SCORE)
 
 
 def gflop_per_image(config, params, image_size: int) -> dict:
