@@ -18,6 +18,7 @@ from rcae_jax.data import check
 from rcae_jax.data import folder
 from rcae_jax.data import geometry
 from rcae_jax.data import input_pipeline
+from rcae_jax.data import sources
 from rcae_jax.evaluation import evaluate
 from rcae_jax.evaluation import report as report_lib
 from rcae_jax.evaluation import curve_hook
@@ -32,7 +33,7 @@ REPORT_MODES = ('depth_report', 'fusion_report')
 
 def prepare(config, workdir: str):
   """Checks the data folder; returns the loader."""
-  files = input_pipeline.resolve_files(config.data, seed=config.seed)
+  files = sources.resolve_files(config.data, seed=config.seed)
   logging.info('Data: %s/%s, %d train, %d test images', files.root,
                files.category, len(files.train), len(files.test))
   if config.data.check_files:
@@ -42,7 +43,7 @@ def prepare(config, workdir: str):
                             image_size=(None if config.data.tile_size else
                                         geometry.model_hw(config.data)),
                             resize=config.data.resize)
-  train_files, val = input_pipeline.split_validation(
+  train_files, val = sources.split_validation(
       files, config.data.val_fraction, config.seed)
   loader = input_pipeline.make_loader(config.data, train_files, val)
   if jax.process_index() == 0:

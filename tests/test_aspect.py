@@ -16,6 +16,8 @@ from rcae_jax import validate
 from rcae_jax.data import folder
 from rcae_jax.data import geometry
 from rcae_jax.data import input_pipeline
+from rcae_jax.data import loader as loader_lib
+from rcae_jax.data import tfdata_loader
 from rcae_jax.evaluation import evaluate
 from rcae_jax.evaluation import scoring
 from rcae_jax.evaluation import maps as maps_lib
@@ -121,8 +123,8 @@ def test_image_scores_ignore_the_padding():
 
 def test_both_loaders_lay_out_non_square_images_alike(tmp_path):
   files = folder.discover(_category(tmp_path, n_train=4), 'long')
-  memory = input_pipeline.MemoryLoader(files, MODEL_HW, resize='keep_aspect')
-  tfdata = input_pipeline.TFDataLoader(files, MODEL_HW, resize='keep_aspect')
+  memory = loader_lib.MemoryLoader(files, MODEL_HW, resize='keep_aspect')
+  tfdata = tfdata_loader.TFDataLoader(files, MODEL_HW, resize='keep_aspect')
   a = list(memory.test_batches(3))  # 4 test images: 2 batches, 1 padded.
   b = list(tfdata.test_batches(3))
   assert len(a) == len(b) == 2
@@ -165,7 +167,7 @@ def test_maps_align_with_masks_and_padding_counts_nowhere(
                           'eval.pixel_resolution': resolution,
                           'eval.scoring': 'recursion',
                           'eval.pictures_per_type': 1})
-  monkeypatch.setattr(evaluate, 'make_predict_fn', _brightness_predict_fn)
+  monkeypatch.setattr(maps_lib, 'make_predict_fn', _brightness_predict_fn)
   loader = input_pipeline.make_loader(config.data, files, files.train[:2])
   workdir = str(tmp_path / 'wd')
   report = evaluate.evaluate(None, loader, config, workdir)['long']

@@ -22,6 +22,7 @@ from rcae_jax import validate
 from rcae_jax.data import decode
 from rcae_jax.data import folder
 from rcae_jax.evaluation import evaluate
+from rcae_jax.evaluation import maps as maps_lib
 
 SIZE = 32  # configs/smoke.py's image_size.
 
@@ -350,7 +351,7 @@ def test_test_set_of_one_class_is_warned_and_evaluated(only, tmp_path,
   kind = 'good' if only == 'good' else 'defective'
   assert f'test set has only {kind} images; AUROC is undefined' in (
       caplog.text)
-  monkeypatch.setattr(evaluate, 'make_predict_fn', fake_predict_fn)
+  monkeypatch.setattr(maps_lib, 'make_predict_fn', fake_predict_fn)
   with caplog.at_level(logging.WARNING):
     report = evaluate.evaluate({}, loader, config, workdir)['cat']
   assert f'The test set holds {kind} images only' in caplog.text

@@ -20,6 +20,9 @@ from rcae_jax import run as run_lib
 from rcae_jax import validate
 from rcae_jax.data import folder
 from rcae_jax.data import input_pipeline
+from rcae_jax.data import loader as loader_lib
+from rcae_jax.data import order as order_lib
+from rcae_jax.data import tfdata_loader
 from rcae_jax.data import tiling
 from rcae_jax.evaluation import evaluate
 from rcae_jax.evaluation import scoring
@@ -190,8 +193,8 @@ def test_an_image_of_one_tile_maps_exactly_as_untiled(make_config, tmp_path):
   nets = inference.build_networks(config.model)
   params = train.initial_params(nets, config)
   fn = maps_lib.make_predict_fn(config, nets)
-  untiled = input_pipeline.MemoryLoader(files, 32)
-  tiled = input_pipeline.MemoryLoader(
+  untiled = loader_lib.MemoryLoader(files, 32)
+  tiled = loader_lib.MemoryLoader(
       files, 32, tiling=tiling.Tiling(tile=48, side=32, overlap=0.25,
                                       sampling='random'))
   a = loops.run_predictions(params, untiled, config, 'test', fn, keep=[2])
@@ -229,7 +232,7 @@ def test_a_defect_smaller_than_a_tile_is_found_in_a_large_image(
   root = _category(tmp_path / 'data', 'big', [(256, 256)] * 2, (256, 256),
                    defects)
   files = folder.discover(root, 'big')
-  monkeypatch.setattr(evaluate, 'make_predict_fn', _brightness_predict_fn)
+  monkeypatch.setattr(maps_lib, 'make_predict_fn', _brightness_predict_fn)
   peaks = {}
   for tile in (0, 32):
     config = make_config(**{'data.tile_size': tile,
@@ -270,9 +273,9 @@ def test_both_loaders_cut_the_same_training_tiles(tmp_path, sampling):
                    (48, 48))
   files = folder.discover(root, 'mixed')
   t = tiling.Tiling(tile=48, side=32, overlap=0.25, sampling=sampling)
-  memory = input_pipeline.MemoryLoader(files, 32, augment='hflip',
-                                       tiling=t)
-  tfdata = input_pipeline.TFDataLoader(files, 32, augment='hflip', tiling=t)
+  memory = loader_lib.MemoryLoader(files, 32, augment='hflip',
+                                   tiling=t)
+  tfdata = tfdata_loader.TFDataLoader(files, 32, augment='hflip', tiling=t)
   if sampling == 'grid':  # Working sizes 53x67, 27x16, 47x33.
     assert memory.num_train_examples == 2 * 3 + 1 + 2 * 2
   a, b = memory.train_batches(4, seed=3), tfdata.train_batches(4, seed=3)
@@ -295,10 +298,10 @@ def test_training_tiles_are_cut_from_the_working_image(tmp_path):
   root = _category(tmp_path, 'big', [(128, 128)] * 3, (48, 48))
   files = folder.discover(root, 'big')
   t = tiling.Tiling(tile=64, side=32, overlap=0.25, sampling='random')
-  loader = input_pipeline.MemoryLoader(files, 32, tiling=t)
+  loader = loader_lib.MemoryLoader(files, 32, tiling=t)
   batch = next(loader.train_batches(3, seed=0, start_step=5))['image']
-  idx = input_pipeline.batch_indices(5, 3, 3, seed=0)
-  draws = input_pipeline.tile_draws(5, 0, 3)
+  idx = order_lib.batch_indices(5, 3, 3, seed=0)
+  draws = order_lib.tile_draws(5, 0, 3)
   origins = set()
   for tile, k, u in zip(batch, idx, draws):
     working = loader.load_working(files.train[k])

@@ -45,7 +45,7 @@ import optax
 
 from rcae_jax.common import checkpoints
 from rcae_jax.common import writers
-from rcae_jax.data import input_pipeline
+from rcae_jax.data import loader as loader_lib
 from rcae_jax.model import inference
 from rcae_jax.model import losses
 from rcae_jax.training import anomalies
@@ -250,7 +250,7 @@ def initial_params(nets: inference.Networks, config) -> dict:
 
 
 def train_and_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                         loader: input_pipeline.Loader,
+                         loader: loader_lib.Loader,
                          on_eval: Optional[Callable] = None) -> dict:
   """Runs (or resumes) all stages; returns the final parameters.
 
