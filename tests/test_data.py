@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import write_image
 from rcae_jax.data import decode, folder, synthetic
 from rcae_jax.data import augment as augment_lib
 from rcae_jax.data import input_pipeline
@@ -59,11 +60,6 @@ def test_texture_is_not_flat():
   assert img.std() > 0.05
 
 
-def _write(path, array):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(array).save(path)
-
-
 def test_missing_root_names_the_path(tmp_path):
   with pytest.raises(folder.DataError, match='does not exist'):
     folder.discover(str(tmp_path / 'nope'), 'x')
@@ -89,16 +85,17 @@ def test_empty_train_good(tmp_path):
 
 def test_mixed_extensions_grey_and_missing_mask(tmp_path):
   grey = np.full((20, 30), 128, np.uint8)
-  _write(str(tmp_path / 'c/train/good/a.JPG'), grey)
-  _write(str(tmp_path / 'c/train/good/b.png'), np.zeros((20, 30, 4), np.uint8))
+  write_image(str(tmp_path / 'c/train/good/a.JPG'), grey)
+  write_image(str(tmp_path / 'c/train/good/b.png'),
+              np.zeros((20, 30, 4), np.uint8))
   (tmp_path / 'c/train/good/notes.txt').write_text('x')
-  _write(str(tmp_path / 'c/test/good/g.png'), grey)
-  _write(str(tmp_path / 'c/test/bad/d1.png'), grey)
-  _write(str(tmp_path / 'c/test/bad/d2.png'), grey)
-  _write(str(tmp_path / 'c/ground_truth/bad/d1_mask.png'), grey)
+  write_image(str(tmp_path / 'c/test/good/g.png'), grey)
+  write_image(str(tmp_path / 'c/test/bad/d1.png'), grey)
+  write_image(str(tmp_path / 'c/test/bad/d2.png'), grey)
+  write_image(str(tmp_path / 'c/ground_truth/bad/d1_mask.png'), grey)
   with pytest.raises(folder.DataError, match='have no mask.*d2.png'):
     folder.discover(str(tmp_path), 'c')
-  _write(str(tmp_path / 'c/ground_truth/bad/d2_mask.png'), grey)
+  write_image(str(tmp_path / 'c/ground_truth/bad/d2_mask.png'), grey)
   files = folder.discover(str(tmp_path), 'c')
   assert len(files.train) == 2 and files.ignored[0].endswith('notes.txt')
   # Grey and RGBA both come out as RGB at the model size.
@@ -112,7 +109,7 @@ def test_corrupt_image_and_mismatched_mask(tmp_path):
   with pytest.raises(folder.DataError, match='broken.png'):
     decode.load_image(str(bad), 16)
   mask = tmp_path / 'm.png'
-  _write(str(mask), np.zeros((10, 10), np.uint8))
+  write_image(str(mask), np.zeros((10, 10), np.uint8))
   with pytest.raises(folder.DataError, match='10x10 but its image is 30x20'):
     decode.load_mask(str(mask), (20, 30))
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import REPO
 from conftest import subprocess_env
 from rcae_jax import run as run_lib
 from rcae_jax import validate
@@ -34,7 +35,6 @@ from rcae_jax.training import preemption
 from rcae_jax.training import train
 from rcae_jax.training import train_state
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8  # Stage 1 only: the smallest run that evaluates.
 OVERRIDES = {'train.stage1.steps': STEPS, 'train.stage2.steps': 0,
              'train.stage3.steps': 0, 'eval.scoring': 'recursion',
