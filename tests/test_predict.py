@@ -314,8 +314,10 @@ def test_inference_modes_import_no_training_code():
   parameters without optax, the train state or the training loop (a fresh
   interpreter: this one has imported everything)."""
   code = ('import sys\n'
-          'from rcae_jax import benchmark, depth_report, evaluate, export, '
-          'fusion_report, predict\n'
+          'from rcae_jax.evaluation import evaluate\n'
+          'from rcae_jax.serving import export, predict\n'
+          'from rcae_jax.tools import benchmark, depth_report, '
+          'fusion_report\n'
           "print(sorted(m for m in sys.modules if m.split('.')[0] == 'optax'"
           " or m in ('rcae_jax.training.train', 'rcae_jax.training.train_state', "
           "'rcae_jax.training.preemption')))")
