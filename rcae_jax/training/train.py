@@ -108,7 +108,7 @@ def stage1_step(state, frozen, batch, rng, *, depth, nets, tx,
       lambda p: stage1_loss(nets, p, x, depth, consistency_weight))(
           state.params)
   state = _apply_grads(state, grads, tx)
-  return state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+  return state, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
 
 def stage1_depth(seed: int, step: int, max_depth: int) -> int:
@@ -128,7 +128,7 @@ def stage2_step(state, frozen, batch, rng, *, nets, tx, crop_size=0):
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   state = _apply_grads(state, grads, tx)
-  return state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+  return state, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
 
 def stage3_step(state, frozen, batch, rng, *, nets, tx, use_dpn,
@@ -146,7 +146,7 @@ def stage3_step(state, frozen, batch, rng, *, nets, tx, use_dpn,
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   state = _apply_grads(state, grads, tx)
-  return state, {'loss': loss, 'grad_norm': optax.global_norm(grads),
+  return state, {'loss': loss, 'grad_norm': optax.tree.norm(grads),
                  'anomalous_fraction': jnp.mean(mask)}
 
 
