@@ -20,6 +20,7 @@ from rcae_jax.data import check
 from rcae_jax.data import folder
 from rcae_jax.data import geometry
 from rcae_jax.data import input_pipeline
+from rcae_jax.data import sources
 from rcae_jax.evaluation import evaluate
 from rcae_jax.evaluation import report as report_lib
 from rcae_jax.evaluation import curve_hook
@@ -69,7 +70,7 @@ def epochs_to_steps(config, num_examples: int) -> dict:
   """Sets train.stageN.steps of each stage given in epochs (epochs > 0)
   to that many passes over `num_examples` training examples (images, or
   tiles with data.tile_sampling='grid'): ceil(epochs * n / batch size),
-  batches straddle epochs (input_pipeline.batch_indices). Returns
+  batches straddle epochs (order.batch_indices). Returns
   {stage: steps} of the converted stages."""
   converted = {}
   for s in (1, 2, 3):
@@ -109,7 +110,7 @@ def hold_out_labelled(files, fraction: float, seed: int):
 def prepare(config, workdir: str):
   """Checks the data folder, converts stages given in epochs to steps,
   holds out the labelled threshold split; returns the loader."""
-  files = input_pipeline.resolve_files(config.data, seed=config.seed)
+  files = sources.resolve_files(config.data, seed=config.seed)
   logging.info('Data: %s/%s, %d train, %d test images', files.root,
                files.category, len(files.train), len(files.test))
   if config.data.check_files:
@@ -119,7 +120,7 @@ def prepare(config, workdir: str):
                             image_size=(None if config.data.tile_size else
                                         geometry.model_hw(config.data)),
                             resize=config.data.resize)
-  train_files, val = input_pipeline.split_validation(
+  train_files, val = sources.split_validation(
       files, config.data.val_fraction, config.seed)
   labelled = ()
   if config.eval.threshold == 'f1' and folder.good_only(files):

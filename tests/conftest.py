@@ -44,6 +44,24 @@ def subprocess_env(**extra) -> dict:
   return env
 
 
+# Runs rcae_jax.main with the TF stack (and clu, which some accelerator
+# images lack too) made unimportable: a None entry in sys.modules makes
+# `import X` raise ImportError and importlib.util.find_spec(X) return None,
+# exactly as when X is not installed.
+BLOCKING_RUNNER = '''
+import runpy, sys
+BLOCKED = ('tensorflow', 'tensorflow_datasets', 'clu', 'tensorboard')
+for name in BLOCKED:
+  sys.modules[name] = None
+sys.argv = ['rcae_jax.main'] + sys.argv[1:]
+try:
+  runpy.run_module('rcae_jax.main', run_name='__main__', alter_sys=True)
+finally:
+  for name in BLOCKED:
+    assert sys.modules.get(name) is None, name
+'''
+
+
 @pytest.fixture(scope='session', autouse=True)
 def _private_cache(tmp_path_factory):
   """The built-in category goes to a temp folder, never ~/.cache."""
@@ -77,6 +95,128 @@ def tiny_config(**overrides):
 @pytest.fixture
 def make_config():
   return tiny_config
+
+
+def tiny_model_config(name: str = 'default', size: int = 32):
+  """configs/<name>.py with the smallest network of every part (depth 2,
+  4 channels, one residual block) at `size` px: for the tests that
+  compile the model but train nothing (export, benchmark)."""
+  config = load_config(name)
+  m = config.model
+  m.depth, m.width, m.num_res_blocks = 2, 4, 1
+  m.dpn_width, m.crd_width = 4, 4
+  config.data.image_size = size
+  return config
+
+
+def tiny_benchmark_config():
+  """configs/benchmark.py at tiny_model_config's size, one image size, two
+  batch sizes and dtypes, one warm-up and two timed calls."""
+  config = tiny_model_config('benchmark')
+  b = config.benchmark
+  b.image_sizes, b.batch_sizes = (32,), (1, 2)
+  b.dtypes = ('float32', 'bfloat16')
+  b.warmup, b.iters = 1, 2
+  return config
+
+
+# ------------------------------------------------------------ test images
+
+def write_image(path, array, **save_kwargs) -> None:
+  """Saves a numpy image with Pillow, creating its folder."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+  Image.fromarray(array).save(path, **save_kwargs)
+
+
+# A dark, slightly noisy surface with bright defects: a model whose map is
+# the brightness (brightness_predict_fn) detects them perfectly.
+DARK, BRIGHT = 40, 220
+
+
+def surface(rng, hw):
+  """uint8 [h, w, 3]: the dark surface, +-6 grey levels of noise."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  noise = rng.integers(-6, 7, tuple(hw) + (3,))
+  return np.clip(DARK + noise, 0, 255).astype(np.uint8)
+
+
+def surface_category(root, name, train_hws, test_hw, defects=()) -> str:
+  """<root>/<name>/ in the MVTec layout: a training image of each size in
+  `train_hws`, two good test images and, per box (y, x, h, w) in `defects`,
+  one test image of defect type 'spot' with that box bright, and its mask.
+  Returns root."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  cat = os.path.join(str(root), name)
+  for i, hw in enumerate(train_hws):
+    write_image(os.path.join(cat, f'train/good/{i:03d}.png'), surface(rng, hw))
+  for i in range(2):
+    write_image(os.path.join(cat, f'test/good/{i:03d}.png'),
+                surface(rng, test_hw))
+  for i, (y, x, h, w) in enumerate(defects):
+    image, mask = surface(rng, test_hw), np.zeros(tuple(test_hw), np.uint8)
+    image[y:y + h, x:x + w] = BRIGHT
+    mask[y:y + h, x:x + w] = 255
+    write_image(os.path.join(cat, f'test/spot/{i:03d}.png'), image)
+    write_image(os.path.join(cat, f'ground_truth/spot/{i:03d}_mask.png'), mask)
+  return str(root)
+
+
+def brightness_predict_fn(config, nets=None):
+  """A stand-in for maps.make_predict_fn whose map is each pixel's
+  brightness: a perfect detector of the bright defects, so any
+  misalignment, misplaced tile or counted padding shows in the metrics
+  and in the exported maps."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from rcae_jax.data import geometry  # pylint: disable=g-import-not-at-top
+  from rcae_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
+  del nets
+
+  def fn(params, images, extents=None):
+    del params
+    amap = jnp.asarray(images, jnp.float32).mean(-1) / 255
+    valid = (None if extents is None
+             else geometry.valid_mask(jnp.asarray(extents), amap.shape[1:]))
+    recs = jnp.zeros((config.model.depth,) + images.shape, jnp.float32)
+    return {'recs': recs, 'details': recs, 'map': amap,
+            'score': scoring.image_scores(amap, config.eval, valid)}
+  return fn
+
+
+def pixel_metrics_from_exported_maps(workdir, category: str, files):
+  """(metrics, maps): the pixel metrics recomputed from what a run wrote,
+  its exported anomaly maps (TIFF, eval.export_maps) against the
+  ground-truth masks of `files` (folder.CategoryFiles), and those maps.
+  A run whose reported pixel numbers are not those of its own maps (a
+  misaligned, padded or inverted mask, a map written for another image)
+  differs from these."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from rcae_jax.data import decode  # pylint: disable=g-import-not-at-top
+  from rcae_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
+  maps, masks = [], []
+  for ex in files.test:
+    defect = os.path.basename(os.path.dirname(ex.path))
+    stem = os.path.splitext(os.path.basename(ex.path))[0]
+    maps.append(np.asarray(Image.open(os.path.join(
+        workdir, 'anomaly_maps', category, 'test', defect, f'{stem}.tiff'))))
+    masks.append(decode.load_mask(ex.mask_path, decode.image_shape(ex.path)))
+  labels = np.array([ex.label for ex in files.test])
+  out = metrics.compute_metrics(labels, [m.max() for m in maps], masks, maps)
+  return {k: out[k] for k in ('pixel_auroc', 'au_pro', 'pixel_ap')}, maps
+
+
+def assert_pixel_metrics_are_the_maps(report: dict, workdir, category: str,
+                                      files) -> list:
+  """Asserts that `report`'s pixel metrics are those recomputed from the
+  run's exported maps (pixel_metrics_from_exported_maps), and that no map
+  is constant; returns the maps."""
+  pixel, maps = pixel_metrics_from_exported_maps(workdir, category, files)
+  for key, value in pixel.items():
+    assert report[key] == pytest.approx(value, abs=1e-6), key
+  assert min(m.std() for m in maps) > 0
+  return maps
 
 
 # The session's trained workdir records a learning-curve point every this

@@ -17,6 +17,7 @@ from PIL import Image
 import pytest
 
 from conftest import tiny_config
+from conftest import write_image
 from rcae_jax import run as run_lib
 from rcae_jax import validate
 from rcae_jax.data import decode
@@ -25,11 +26,6 @@ from rcae_jax.evaluation import evaluate
 from rcae_jax.evaluation import maps as maps_lib
 
 SIZE = 32  # configs/smoke.py's image_size.
-
-
-def save(path, array, **kwargs):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(array).save(path, **kwargs)
 
 
 def rgb(seed, size=SIZE):
@@ -42,14 +38,14 @@ def make_tree(root):
   2 crack with masks."""
   cat = os.path.join(root, 'cat')
   for i in range(4):
-    save(os.path.join(cat, 'train', 'good', f'{i:03d}.png'), rgb(i))
-  save(os.path.join(cat, 'test', 'good', '000.png'), rgb(10))
+    write_image(os.path.join(cat, 'train', 'good', f'{i:03d}.png'), rgb(i))
+  write_image(os.path.join(cat, 'test', 'good', '000.png'), rgb(10))
   for i in range(2):
-    save(os.path.join(cat, 'test', 'crack', f'{i:03d}.png'), rgb(20 + i))
+    write_image(os.path.join(cat, 'test', 'crack', f'{i:03d}.png'), rgb(20 + i))
     mask = np.zeros((SIZE, SIZE), np.uint8)
     mask[4:9, 5:12] = 255
-    save(os.path.join(cat, 'ground_truth', 'crack', f'{i:03d}_mask.png'),
-         mask)
+    write_image(os.path.join(cat, 'ground_truth', 'crack', f'{i:03d}_mask.png'),
+                mask)
   return cat
 
 
@@ -98,7 +94,7 @@ def not_an_image(cat, monkeypatch):
 def mask_wrong_size(cat, monkeypatch):
   del monkeypatch
   path = os.path.join(cat, 'ground_truth', 'crack', '001_mask.png')
-  save(path, np.full((16, 24), 255, np.uint8))
+  write_image(path, np.full((16, 24), 255, np.uint8))
   return path, 'mask is 24x16 but its image'
 
 
@@ -188,7 +184,7 @@ def empty_test_folder(cat, monkeypatch):
 def defect_without_mask(cat, monkeypatch):
   del monkeypatch
   path = os.path.join(cat, 'test', 'crack', '002.png')
-  save(path, rgb(30))
+  write_image(path, rgb(30))
   return path, 'have no mask'
 
 
@@ -227,16 +223,16 @@ def test_image_modes_all_decode_to_rgb(tmp_path):
   good = os.path.join(cat, 'train', 'good')
   base = rgb(40)
   Image.fromarray(base).convert('CMYK').save(os.path.join(good, 'cmyk.jpg'))
-  save(os.path.join(good, 'sixteen.png'),
-       (np.arange(SIZE * SIZE, dtype=np.uint16).reshape(SIZE, SIZE) * 60))
+  write_image(os.path.join(good, 'sixteen.png'),
+              np.arange(SIZE * SIZE, dtype=np.uint16).reshape(SIZE, SIZE) * 60)
   palette = Image.fromarray(base).convert('P')
   palette.info['transparency'] = 0
   palette.save(os.path.join(good, 'palette.png'))
-  save(os.path.join(good, 'rgba.png'),
-       np.dstack([base, np.full((SIZE, SIZE), 7, np.uint8)]))
-  save(os.path.join(good, 'la.png'),
-       np.dstack([base[..., 0], base[..., 1]]))
-  save(os.path.join(good, 'grey.png'), base[..., 0])
+  write_image(os.path.join(good, 'rgba.png'),
+              np.dstack([base, np.full((SIZE, SIZE), 7, np.uint8)]))
+  write_image(os.path.join(good, 'la.png'),
+              np.dstack([base[..., 0], base[..., 1]]))
+  write_image(os.path.join(good, 'grey.png'), base[..., 0])
   loader = prepare(tmp_path / 'data', tmp_path)
   names = ('cmyk.jpg', 'sixteen.png', 'palette.png', 'rgba.png', 'la.png',
            'grey.png')
@@ -259,16 +255,17 @@ def test_masks_of_other_modes_and_values_are_read_as_above_zero(
   region[4:9, 5:12] = True
   rgb_mask = np.zeros((SIZE, SIZE, 3), np.uint8)
   rgb_mask[region] = (255, 0, 0)  # A red region on black.
-  save(os.path.join(gt, '000_mask.png'), rgb_mask)
-  save(os.path.join(gt, '001_mask.png'), region.astype(np.uint16) * 65535)
+  write_image(os.path.join(gt, '000_mask.png'), rgb_mask)
+  write_image(os.path.join(gt, '001_mask.png'),
+              region.astype(np.uint16) * 65535)
   for i, mask in ((2, Image.fromarray(region.astype(np.uint8)).convert('P')),
                   (3, Image.fromarray(region.astype(np.uint8)))):
-    save(os.path.join(cat, 'test', 'crack', f'{i:03d}.png'), rgb(30 + i))
+    write_image(os.path.join(cat, 'test', 'crack', f'{i:03d}.png'), rgb(30 + i))
     mask.save(os.path.join(gt, f'{i:03d}_mask.png'))
   soft = np.where(region, 255, 0).astype(np.uint8)
   soft[4, 5:12] = 90  # An anti-aliased edge.
-  save(os.path.join(cat, 'test', 'crack', '004.png'), rgb(34))
-  save(os.path.join(gt, '004_mask.png'), soft)
+  write_image(os.path.join(cat, 'test', 'crack', '004.png'), rgb(34))
+  write_image(os.path.join(gt, '004_mask.png'), soft)
   with caplog.at_level(logging.WARNING):
     prepare(tmp_path / 'data', tmp_path)
   assert '1 mask(s) hold more than one non-zero value' in caplog.text
@@ -294,11 +291,12 @@ def test_symlinked_files_and_folders_are_followed(tmp_path):
 def test_names_with_spaces_and_non_ascii_characters(tmp_path):
   cat = make_tree(str(tmp_path / 'data'))
   name = 'über kratzer № 1'
-  save(os.path.join(cat, 'train', 'good', 'ä b ç.png'), rgb(50))
-  save(os.path.join(cat, 'test', 'crack', f'{name}.png'), rgb(51))
+  write_image(os.path.join(cat, 'train', 'good', 'ä b ç.png'), rgb(50))
+  write_image(os.path.join(cat, 'test', 'crack', f'{name}.png'), rgb(51))
   mask = np.zeros((SIZE, SIZE), np.uint8)
   mask[1:3, 1:3] = 255
-  save(os.path.join(cat, 'ground_truth', 'crack', f'{name}_mask.png'), mask)
+  write_image(os.path.join(cat, 'ground_truth', 'crack', f'{name}_mask.png'),
+              mask)
   loader = prepare(tmp_path / 'data', tmp_path)
   example, = [e for e in loader.files.test if name in e.path]
   assert example.mask_path.endswith(f'{name}_mask.png')
@@ -310,7 +308,7 @@ def test_image_smaller_than_two_to_the_depth_is_upsampled(tmp_path, caplog):
   other image (the size check is on the config, not on the files)."""
   cat = make_tree(str(tmp_path / 'data'))
   tiny = os.path.join(cat, 'train', 'good', 'tiny.png')
-  save(tiny, rgb(60, size=3)[:2])
+  write_image(tiny, rgb(60, size=3)[:2])
   with caplog.at_level(logging.WARNING):
     prepare(tmp_path / 'data', tmp_path)
   assert ('1 image(s) are smaller than data.image_size=32 px on a side and '

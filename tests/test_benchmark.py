@@ -12,25 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import REPO
 from conftest import load_config
+from conftest import tiny_benchmark_config
 from rcae_jax.model import flops
 from rcae_jax.model import inference
 from rcae_jax.tools import benchmark
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config():
-  config = load_config('benchmark')
-  m = config.model
-  m.depth, m.width, m.num_res_blocks = 2, 4, 1
-  m.dpn_width, m.crd_width = 4, 4
-  config.data.image_size = 32
-  b = config.benchmark
-  b.image_sizes, b.batch_sizes = (32,), (1, 2)
-  b.dtypes = ('float32', 'bfloat16')
-  b.warmup, b.iters = 1, 2
-  return config
 
 
 # ------------------------------------------------------------------ flops
@@ -90,7 +78,7 @@ def test_flops_scan_counted_length_times():
 
 
 def test_predict_flops_per_image_independent_of_batch_and_dtype():
-  config = tiny_config()
+  config = tiny_benchmark_config()
   params = jax.eval_shape(functools.partial(
       inference.init_params, inference.build_networks(config.model), image_size=32),
                           jax.random.PRNGKey(0))
@@ -107,11 +95,11 @@ def test_predict_flops_per_image_independent_of_batch_and_dtype():
 
 
 def test_run_benchmark_rejects_bad_size(tmp_path):
-  config = tiny_config()
+  config = tiny_benchmark_config()
   config.benchmark.image_sizes = (32, 40)  # 40 % 2**max(2, 4) != 0.
   with pytest.raises(ValueError, match='divisible by 16'):
     benchmark.run_benchmark(config, str(tmp_path))
-  config = tiny_config()
+  config = tiny_benchmark_config()
   config.model.depth = 5
   config.benchmark.image_sizes = (48,)
   with pytest.raises(ValueError, match='divisible by 32'):
@@ -157,11 +145,11 @@ def test_run_benchmark_tiny_without_tensorflow(tmp_path):
   code = f'''
 import sys
 sys.path.insert(0, 'tests')
-import test_benchmark
+import conftest
 from rcae_jax.model import flops
 from rcae_jax.serving import export
 from rcae_jax.tools import benchmark
-benchmark.run_benchmark(test_benchmark.tiny_config(), {str(tmp_path)!r})
+benchmark.run_benchmark(conftest.tiny_benchmark_config(), {str(tmp_path)!r})
 bad = [n for n in sys.modules if n.split('.')[0] in
        ('tensorflow', 'clu', 'tensorflow_datasets', 'tensorboard')]
 assert not bad, bad

@@ -4,15 +4,10 @@ import logging
 import os
 
 import numpy as np
-from PIL import Image
 import pytest
 
+from conftest import write_image
 from rcae_jax.data import check, folder
-
-
-def _save(path, array, **kwargs):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(array).save(path, **kwargs)
 
 
 def make_tree(root, n_train=3, grey=False):
@@ -21,17 +16,17 @@ def make_tree(root, n_train=3, grey=False):
   cat = os.path.join(root, 'cat')
   shape = (16, 16) if grey else (16, 16, 3)
   for i in range(n_train):
-    _save(os.path.join(cat, 'train', 'good', f'{i:03d}.png'),
-          rng.integers(0, 255, shape, dtype=np.uint8))
-  _save(os.path.join(cat, 'test', 'good', '000.jpg'),
-        rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    write_image(os.path.join(cat, 'train', 'good', f'{i:03d}.png'),
+                rng.integers(0, 255, shape, dtype=np.uint8))
+  write_image(os.path.join(cat, 'test', 'good', '000.jpg'),
+              rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
   for i in range(2):
-    _save(os.path.join(cat, 'test', 'crack', f'{i:03d}.png'),
-          rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    write_image(os.path.join(cat, 'test', 'crack', f'{i:03d}.png'),
+                rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
     mask = np.zeros((16, 16), np.uint8)
     mask[3:6, 4:9] = 255
-    _save(os.path.join(cat, 'ground_truth', 'crack', f'{i:03d}_mask.png'),
-          mask)
+    write_image(os.path.join(cat, 'ground_truth', 'crack', f'{i:03d}_mask.png'),
+                mask)
   return cat
 
 
@@ -85,7 +80,7 @@ def test_text_file_named_png(tmp_path):
 def test_mask_wrong_size(tmp_path):
   cat = make_tree(str(tmp_path))
   mask = os.path.join(cat, 'ground_truth', 'crack', '000_mask.png')
-  _save(mask, np.full((8, 10), 255, np.uint8))
+  write_image(mask, np.full((8, 10), 255, np.uint8))
   with pytest.raises(folder.DataError) as e:
     _validate(str(tmp_path))
   assert f'{mask}: mask is 10x8 but its image' in str(e.value)
@@ -117,7 +112,7 @@ def test_many_errors_listed_up_to_ten(tmp_path):
 def test_warnings_empty_mask_and_stray_file(tmp_path, caplog):
   cat = make_tree(str(tmp_path))
   mask = os.path.join(cat, 'ground_truth', 'crack', '001_mask.png')
-  _save(mask, np.zeros((16, 16), np.uint8))
+  write_image(mask, np.zeros((16, 16), np.uint8))
   readme = os.path.join(cat, 'train', 'good', 'README.txt')
   with open(readme, 'w') as f:
     f.write('notes')
@@ -135,8 +130,8 @@ def test_warnings_empty_mask_and_stray_file(tmp_path, caplog):
 def test_empty_mask_of_good_image_is_fine(tmp_path):
   cat = make_tree(str(tmp_path))
   # A mask of value 1 (VisA style) counts as foreground.
-  _save(os.path.join(cat, 'ground_truth', 'crack', '000_mask.png'),
-        np.pad(np.ones((2, 2), np.uint8), 7))
+  write_image(os.path.join(cat, 'ground_truth', 'crack', '000_mask.png'),
+              np.pad(np.ones((2, 2), np.uint8), 7))
   report = _validate(str(tmp_path))
   assert report.empty_masks == 0
 
@@ -144,7 +139,7 @@ def test_empty_mask_of_good_image_is_fine(tmp_path):
 def test_grey_and_16_bit_counted(tmp_path, caplog):
   cat = make_tree(str(tmp_path), grey=True)
   path16 = os.path.join(cat, 'test', 'good', '001.png')
-  _save(path16, (np.arange(256, dtype=np.uint16).reshape(16, 16) * 257))
+  write_image(path16, (np.arange(256, dtype=np.uint16).reshape(16, 16) * 257))
   with caplog.at_level(logging.INFO):
     report = _validate(str(tmp_path))
   assert report.grey == 4 and report.sixteen_bit == 1

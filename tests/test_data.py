@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import write_image
 from rcae_jax.data import decode, folder, synthetic
+from rcae_jax.data import augment as augment_lib
 from rcae_jax.data import input_pipeline
+from rcae_jax.data import loader as loader_lib
+from rcae_jax.data import order as order_lib
+from rcae_jax.data import tfdata_loader
 
 
 @pytest.fixture(scope='module')
@@ -55,11 +60,6 @@ def test_texture_is_not_flat():
   assert img.std() > 0.05
 
 
-def _write(path, array):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(array).save(path)
-
-
 def test_missing_root_names_the_path(tmp_path):
   with pytest.raises(folder.DataError, match='does not exist'):
     folder.discover(str(tmp_path / 'nope'), 'x')
@@ -85,16 +85,17 @@ def test_empty_train_good(tmp_path):
 
 def test_mixed_extensions_grey_and_missing_mask(tmp_path):
   grey = np.full((20, 30), 128, np.uint8)
-  _write(str(tmp_path / 'c/train/good/a.JPG'), grey)
-  _write(str(tmp_path / 'c/train/good/b.png'), np.zeros((20, 30, 4), np.uint8))
+  write_image(str(tmp_path / 'c/train/good/a.JPG'), grey)
+  write_image(str(tmp_path / 'c/train/good/b.png'),
+              np.zeros((20, 30, 4), np.uint8))
   (tmp_path / 'c/train/good/notes.txt').write_text('x')
-  _write(str(tmp_path / 'c/test/good/g.png'), grey)
-  _write(str(tmp_path / 'c/test/bad/d1.png'), grey)
-  _write(str(tmp_path / 'c/test/bad/d2.png'), grey)
-  _write(str(tmp_path / 'c/ground_truth/bad/d1_mask.png'), grey)
+  write_image(str(tmp_path / 'c/test/good/g.png'), grey)
+  write_image(str(tmp_path / 'c/test/bad/d1.png'), grey)
+  write_image(str(tmp_path / 'c/test/bad/d2.png'), grey)
+  write_image(str(tmp_path / 'c/ground_truth/bad/d1_mask.png'), grey)
   with pytest.raises(folder.DataError, match='have no mask.*d2.png'):
     folder.discover(str(tmp_path), 'c')
-  _write(str(tmp_path / 'c/ground_truth/bad/d2_mask.png'), grey)
+  write_image(str(tmp_path / 'c/ground_truth/bad/d2_mask.png'), grey)
   files = folder.discover(str(tmp_path), 'c')
   assert len(files.train) == 2 and files.ignored[0].endswith('notes.txt')
   # Grey and RGBA both come out as RGB at the model size.
@@ -108,7 +109,7 @@ def test_corrupt_image_and_mismatched_mask(tmp_path):
   with pytest.raises(folder.DataError, match='broken.png'):
     decode.load_image(str(bad), 16)
   mask = tmp_path / 'm.png'
-  _write(str(mask), np.zeros((10, 10), np.uint8))
+  write_image(str(mask), np.zeros((10, 10), np.uint8))
   with pytest.raises(folder.DataError, match='10x10 but its image is 30x20'):
     decode.load_mask(str(mask), (20, 30))
 
@@ -123,26 +124,26 @@ def test_sixteen_bit_images(tmp_path):
 
 def test_batch_indices_cover_each_epoch_once():
   n, b = 10, 4
-  stream = np.concatenate([input_pipeline.batch_indices(s, b, n, seed=0)
+  stream = np.concatenate([order_lib.batch_indices(s, b, n, seed=0)
                            for s in range(5)])  # 20 examples = 2 epochs.
   assert sorted(stream[:10]) == list(range(10))
   assert sorted(stream[10:]) == list(range(10))
   # Resuming at step 3 yields what step 3 was in the straight run.
-  np.testing.assert_array_equal(input_pipeline.batch_indices(3, b, n, 0),
+  np.testing.assert_array_equal(order_lib.batch_indices(3, b, n, 0),
                                 stream[12:16])
 
 
 @pytest.mark.parametrize('processes', [1, 2, 3])
 def test_host_slices_partition_the_batch(processes):
-  idx = input_pipeline.batch_indices(0, 6, 20, seed=1)
-  parts = [input_pipeline.host_slice(idx, p, processes)
+  idx = order_lib.batch_indices(0, 6, 20, seed=1)
+  parts = [order_lib.host_slice(idx, p, processes)
            for p in range(processes)]
   np.testing.assert_array_equal(np.concatenate(parts), idx)
 
 
 def test_loaders_yield_identical_batches(category):
-  memory = input_pipeline.MemoryLoader(category, 16)
-  tfdata = input_pipeline.TFDataLoader(category, 16)
+  memory = loader_lib.MemoryLoader(category, 16)
+  tfdata = tfdata_loader.TFDataLoader(category, 16)
   m_it = memory.train_batches(4, seed=5, start_step=2)
   t_it = tfdata.train_batches(4, seed=5, start_step=2)
   for _ in range(3):
@@ -164,27 +165,27 @@ def test_loaders_yield_identical_batches(category):
 def test_augmentation_is_off_by_default(category):
   import default  # configs/default.py  # pylint: disable=g-import-not-at-top
   assert default.get_config().data.augment == ''
-  assert input_pipeline.parse_augment('') == ()
+  assert augment_lib.parse_augment('') == ()
   images = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
-  assert input_pipeline.augment_batch(images, 0, 0, '') is images
-  plain = input_pipeline.MemoryLoader(category, 16)
-  explicit = input_pipeline.MemoryLoader(category, 16, augment='')
+  assert augment_lib.augment_batch(images, 0, 0, '') is images
+  plain = loader_lib.MemoryLoader(category, 16)
+  explicit = loader_lib.MemoryLoader(category, 16, augment='')
   assert plain.augment == ()
   a = next(plain.train_batches(4, seed=5, start_step=1))['image']
   b = next(explicit.train_batches(4, seed=5, start_step=1))['image']
-  idx = input_pipeline.batch_indices(1, 4, len(category.train), 5)
+  idx = order_lib.batch_indices(1, 4, len(category.train), 5)
   np.testing.assert_array_equal(a, plain.train_images()[idx])
   np.testing.assert_array_equal(a, b)
 
 
 def test_unknown_augment_op_names_the_field(category, make_config):
   with pytest.raises(ValueError, match=r"data\.augment.*'shear'"):
-    input_pipeline.MemoryLoader(category, 16, augment='hflip,shear')
+    loader_lib.MemoryLoader(category, 16, augment='hflip,shear')
   with pytest.raises(ValueError, match=r'data\.augment'):
     input_pipeline.make_loader(
         make_config(**{'data.augment': 'rot45',
                        'data.loader': 'tfdata'}).data, category)
-  assert input_pipeline.parse_augment(' rot90, hflip ') == ('hflip', 'rot90')
+  assert augment_lib.parse_augment(' rot90, hflip ') == ('hflip', 'rot90')
 
 
 def test_augment_batch_ops_and_shapes():
@@ -192,7 +193,7 @@ def test_augment_batch_ops_and_shapes():
   images = rng.integers(0, 256, (32, 8, 8, 3), dtype=np.uint8)
   before = images.copy()
   for ops in ('hflip', 'vflip', 'rot90', 'hflip,vflip,rot90'):
-    out = input_pipeline.augment_batch(images, 3, 1, ops)
+    out = augment_lib.augment_batch(images, 3, 1, ops)
     assert out.shape == images.shape and out.dtype == np.uint8
     np.testing.assert_array_equal(images, before)  # Pure.
     changed = 0
@@ -204,18 +205,18 @@ def test_augment_batch_ops_and_shapes():
       changed += not np.array_equal(o, i)
     assert 0 < changed < 32  # Per-example choices, not all or nothing.
   # hflip alone only flips columns.
-  out = input_pipeline.augment_batch(images, 3, 1, 'hflip')
+  out = augment_lib.augment_batch(images, 3, 1, 'hflip')
   for o, i in zip(out, images):
     assert np.array_equal(o, i) or np.array_equal(o, i[:, ::-1])
   # Deterministic in (seed, step); differs across steps.
   np.testing.assert_array_equal(
-      input_pipeline.augment_batch(images, 3, 1, 'hflip,vflip,rot90'),
-      input_pipeline.augment_batch(images, 3, 1, 'hflip,vflip,rot90'))
+      augment_lib.augment_batch(images, 3, 1, 'hflip,vflip,rot90'),
+      augment_lib.augment_batch(images, 3, 1, 'hflip,vflip,rot90'))
   assert not np.array_equal(
-      input_pipeline.augment_batch(images, 3, 1, 'hflip,vflip,rot90'),
-      input_pipeline.augment_batch(images, 4, 1, 'hflip,vflip,rot90'))
+      augment_lib.augment_batch(images, 3, 1, 'hflip,vflip,rot90'),
+      augment_lib.augment_batch(images, 4, 1, 'hflip,vflip,rot90'))
   with pytest.raises(ValueError, match='square'):
-    input_pipeline.augment_batch(images[:, :, :6], 0, 0, 'rot90')
+    augment_lib.augment_batch(images[:, :, :6], 0, 0, 'rot90')
 
 
 @pytest.mark.parametrize('processes', [2, 4])
@@ -223,19 +224,19 @@ def test_augmentation_is_the_same_across_process_counts(processes):
   images = np.random.default_rng(1).integers(0, 256, (8, 6, 6, 3),
                                              dtype=np.uint8)
   ops = 'hflip,vflip,rot90'
-  whole = input_pipeline.augment_batch(images, 7, 2, ops)
+  whole = augment_lib.augment_batch(images, 7, 2, ops)
   local = len(images) // processes
-  parts = [input_pipeline.augment_batch(images[p * local:(p + 1) * local], 7,
-                                        2, ops, p, processes)
+  parts = [augment_lib.augment_batch(images[p * local:(p + 1) * local], 7,
+                                     2, ops, p, processes)
            for p in range(processes)]
   np.testing.assert_array_equal(np.concatenate(parts), whole)
 
 
 def test_loaders_yield_identical_augmented_batches(category):
   ops = 'hflip,vflip,rot90'
-  memory = input_pipeline.MemoryLoader(category, 16, augment=ops)
-  tfdata = input_pipeline.TFDataLoader(category, 16, augment=ops)
-  plain = input_pipeline.MemoryLoader(category, 16)
+  memory = loader_lib.MemoryLoader(category, 16, augment=ops)
+  tfdata = tfdata_loader.TFDataLoader(category, 16, augment=ops)
+  plain = loader_lib.MemoryLoader(category, 16)
   m_it = memory.train_batches(4, seed=5, start_step=2)
   t_it = tfdata.train_batches(4, seed=5, start_step=2)
   p_it = plain.train_batches(4, seed=5, start_step=2)
@@ -245,7 +246,7 @@ def test_loaders_yield_identical_augmented_batches(category):
     assert m['image'].shape == (4, 16, 16, 3) and m['image'].dtype == np.uint8
     np.testing.assert_array_equal(m['image'], t['image'])
     np.testing.assert_array_equal(
-        m['image'], input_pipeline.augment_batch(p['image'], step, 5, ops))
+        m['image'], augment_lib.augment_batch(p['image'], step, 5, ops))
     differs |= not np.array_equal(m['image'], p['image'])
   assert differs
   # A resumed run (start_step=3) sees what the straight run saw at step 3.

@@ -9,29 +9,21 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import BLOCKING_RUNNER
+from conftest import REPO
 from conftest import subprocess_env
-import test_no_tensorflow
+from conftest import tiny_model_config
+from conftest import write_image
 from rcae_jax.evaluation import maps as maps_lib
 from rcae_jax.serving import export
 from rcae_jax.tools import benchmark
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
-
-
-def tiny_config():
-  config = load_config('default')
-  m = config.model
-  m.depth, m.width, m.num_res_blocks = 2, 4, 1
-  m.dpn_width, m.crd_width = 4, 4
-  config.data.image_size = SIZE
-  return config
 
 
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory):
-  config = tiny_config()
+  config = tiny_model_config(size=SIZE)
   # Random heads too (init_params zero-initialises them), so the map
   # depends on the whole network and a wrong wiring would show.
   params = benchmark.random_params(config, seed=1)
@@ -137,12 +129,6 @@ def test_serve_script_imports_only_jax_numpy_pillow():
   assert names - sys.stdlib_module_names == {'jax', 'numpy', 'PIL'}
 
 
-def _save(path, array):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  Image.fromarray(array).save(path)
-
-
 def test_export_command_and_serve_script_match_predict(trained, tmp_path):
   """`--config.mode=export` writes the folder; its serve_export.py, run
   where rcae_jax cannot be imported, gives predict's maps, scores and
@@ -155,13 +141,14 @@ def test_export_command_and_serve_script_match_predict(trained, tmp_path):
   config, workdir = trained
   rng = np.random.default_rng(3)
   images = tmp_path / 'in'
-  _save(str(images / 'a' / '1.png'), rng.integers(0, 256, (40, 24, 3),
-                                                  np.uint8))
-  _save(str(images / 'b' / '1.png'), rng.integers(0, 256, (32, 32, 4),
-                                                  np.uint8))
-  _save(str(images / 'grey.bmp'), rng.integers(0, 256, (50, 70), np.uint8))
-  _save(str(images / 'deep.png'), rng.integers(0, 65536, (33, 45),
-                                               np.uint16))
+  write_image(str(images / 'a' / '1.png'), rng.integers(0, 256, (40, 24, 3),
+              np.uint8))
+  write_image(str(images / 'b' / '1.png'), rng.integers(0, 256, (32, 32, 4),
+              np.uint8))
+  write_image(str(images / 'grey.bmp'),
+              rng.integers(0, 256, (50, 70), np.uint8))
+  write_image(str(images / 'deep.png'), rng.integers(0, 65536, (33, 45),
+              np.uint16))
   (images / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n truncated')
   predict_config = config.copy_and_resolve_references()
   predict_config.mode = 'predict'
@@ -173,7 +160,7 @@ def test_export_command_and_serve_script_match_predict(trained, tmp_path):
   env = subprocess_env()
   # Export needs no TensorFlow: run it as where none is installed.
   proc = subprocess.run(
-      [sys.executable, '-c', test_no_tensorflow.BLOCKING_RUNNER,
+      [sys.executable, '-c', BLOCKING_RUNNER,
        '--config', os.path.join(REPO, 'configs', 'smoke.py'),
        '--workdir', workdir, '--config.mode=export'],
       capture_output=True, text=True, env=env, cwd=REPO, timeout=600)

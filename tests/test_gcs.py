@@ -32,7 +32,7 @@ from rcae_jax.common import workdir_lock
 from rcae_jax.common import writers
 from rcae_jax.data import decode
 from rcae_jax.data import folder
-from rcae_jax.data import input_pipeline
+from rcae_jax.data import sources
 from rcae_jax.evaluation import export_maps
 
 
@@ -143,7 +143,7 @@ def test_checkpointer_keeps_urls():
 
 
 def _synthetic_root(tmp_path) -> str:
-  files = input_pipeline.resolve_files(tiny_config().data)
+  files = sources.resolve_files(tiny_config().data)
   return files.root
 
 
@@ -206,4 +206,4 @@ def test_raw_visa_on_gcs_is_refused_clearly(gcs):
   config = tiny_config(**{'data.root': 'gs://bucket/visa',
                           'data.format': 'visa'})
   with pytest.raises(folder.DataError, match='local copy only'):
-    input_pipeline.resolve_files(config.data)
+    sources.resolve_files(config.data)

@@ -9,18 +9,24 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import write_image
 from rcae_jax import run as run_lib
 from rcae_jax.data import folder, synthetic
 
 
-def _good_only_root(tmp_path, n=10, size=32):
+SQUARE = (slice(10, 20), slice(12, 22))  # A defect's place in a 32 px image.
+
+
+def _texture(rng, size=32):
+  return (synthetic.texture(rng, size) * 255).astype(np.uint8)
+
+
+def _good_only_root(tmp_path, n=10):
   """<root>/line/train/good/*.png and nothing else."""
   good = tmp_path / 'data' / 'line' / 'train' / 'good'
-  good.mkdir(parents=True)
   rng = np.random.default_rng(0)
   for i in range(n):
-    img = synthetic.texture(rng, size)
-    Image.fromarray((img * 255).astype(np.uint8)).save(good / f'{i:03d}.png')
+    write_image(good / f'{i:03d}.png', _texture(rng))
   return str(tmp_path / 'data')
 
 
@@ -64,11 +70,29 @@ def test_good_only_trains_sets_thresholds_and_predicts(make_config, tmp_path,
   assert np.isfinite([thresholds['image'], thresholds['pixel']]).all()
   assert not os.path.exists(os.path.join(workdir, 'anomaly_maps'))
 
+  # Predict on images the model has not seen: new good ones, and one with
+  # a defect (a bright square). A constant or noise map does not put the
+  # defect's map where the square is, nor score it above the good ones.
+  inputs = tmp_path / 'in'
+  rng = np.random.default_rng(1)
+  for i in range(3):
+    write_image(inputs / f'good{i}.png', _texture(rng))
+  defect = _texture(rng)
+  defect[SQUARE] = 255
+  write_image(inputs / 'defect.png', defect)
   predict = config.copy_and_resolve_references()
   predict.mode = 'predict'
-  predict.predict.inputs = os.path.join(root, 'line', 'train', 'good')
+  predict.predict.inputs = str(inputs)
   predict.predict.output = str(tmp_path / 'out')
   rows = run_lib.run(predict, workdir)['predictions']
-  assert len(rows) == 10
-  assert {r['decision'] for r in rows} <= {'OK', 'DEFECT'}
+  assert [os.path.basename(r['file']) for r in rows] == [
+      'defect.png', 'good0.png', 'good1.png', 'good2.png']
   assert all(r['threshold'] == thresholds['image'] for r in rows)
+  for row in rows:
+    assert row['decision'] == ('DEFECT' if row['score'] >= thresholds['image']
+                               else 'OK')
+  assert rows[0]['score'] > max(r['score'] for r in rows[1:])
+  amap = np.asarray(Image.open(rows[0]['map']))
+  inside = np.zeros(amap.shape, bool)
+  inside[SQUARE] = True
+  assert amap[inside].mean() > 2 * amap[~inside].mean()

@@ -12,9 +12,9 @@ import subprocess
 
 import pytest
 
+from conftest import REPO
 from conftest import load_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, 'launch')
 
 TPU_ENV = {

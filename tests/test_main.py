@@ -6,10 +6,8 @@ import sys
 
 import pytest
 
+from conftest import REPO
 from conftest import subprocess_env
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def run_main(*args, tmp_path):
   env = subprocess_env(RCAE_JAX_CACHE=str(tmp_path / 'cache'))

@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import REPO
 from conftest import subprocess_env
 from conftest import tiny_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ['--config', os.path.join(REPO, 'configs', 'smoke.py'),
         # Stage 1 only keeps the runs short; stages 2 and 3 under a
         # mesh are covered by test_sharding.py.

@@ -18,8 +18,9 @@ import pytest
 
 from conftest import tiny_config
 from rcae_jax import run as run_lib
+from rcae_jax.common import fileio
 from rcae_jax.data import folder
-from rcae_jax.data import input_pipeline
+from rcae_jax.data import sources
 from rcae_jax.evaluation import evaluate
 from rcae_jax.evaluation import scoring
 from rcae_jax.evaluation import maps as maps_lib
@@ -183,13 +184,13 @@ def test_held_out_split_is_disjoint_deterministic_and_never_trained_on(
     tmp_path):
   make_category(str(tmp_path))
   files = folder.discover(str(tmp_path), 'cat')
-  train, val = input_pipeline.split_validation(files, 0.3, seed=0)
+  train, val = sources.split_validation(files, 0.3, seed=0)
   assert len(val) == 3 and len(train.train) == 7
   assert not set(val) & set(train.train)
   assert sorted(val + train.train) == sorted(files.train)
-  assert input_pipeline.split_validation(files, 0.3, seed=0) == (train, val)
-  assert input_pipeline.split_validation(files, 0.3, seed=1)[1] != val
-  assert input_pipeline.split_validation(files, 0.0, seed=0) == (files, ())
+  assert sources.split_validation(files, 0.3, seed=0) == (train, val)
+  assert sources.split_validation(files, 0.3, seed=1)[1] != val
+  assert sources.split_validation(files, 0.0, seed=0) == (files, ())
   # What the loader trains on: a whole epoch of batches holds only the
   # 7 training images (values 100 + i identify them), never a held-out one.
   config = tiny_config(**{'data.root': str(tmp_path),
@@ -236,7 +237,7 @@ def test_thresholds_come_from_the_held_out_split_only(tmp_path, monkeypatch):
   monkeypatch.setattr(loader, 'test_batches', recording)
   monkeypatch.setattr(maps_lib, 'make_predict_fn', fake_predict_fn)
   evaluate.evaluate({}, loader, config, workdir)
-  thresholds = evaluate.fileio.read_json(os.path.join(workdir,
+  thresholds = fileio.read_json(os.path.join(workdir,
                                                       'thresholds.json'))
   held = [value_of(e.path) for e in loader.examples['val']]
   trained = [value_of(p) for p in loader.files.train]

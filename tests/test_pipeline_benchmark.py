@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
+from conftest import REPO
 from rcae_jax.data import synthetic
 from rcae_jax.tools import pipeline_benchmark
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--synthetic_train', '6', '--synthetic_size', '32']
 
 

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,12 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import BLOCKING_RUNNER
+from conftest import REPO
 from conftest import run_report
 from conftest import subprocess_env
+from conftest import write_image
 
 from rcae_jax import run as run_lib
 from rcae_jax.data import folder
-from test_no_tensorflow import BLOCKING_RUNNER
+from rcae_jax.data import sources
+from rcae_jax.evaluation import maps as maps_lib
+from rcae_jax.serving import params as params_lib
 
 
 def test_predict_writes_maps_of_each_inputs_size(trained, tmp_path):
@@ -27,6 +33,15 @@ def test_predict_writes_maps_of_each_inputs_size(trained, tmp_path):
   for name, (h, w) in sizes.items():
     Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)).save(
         inputs / name)
+  # A defective test image the evaluation scored, twice under two names:
+  # predict must give its two copies the same map, and the map the
+  # evaluation exported for it (a noise or constant map, or a map of
+  # another image, fails).
+  files = sources.resolve_files(config.data, seed=config.seed)
+  defective = next(e for e in files.test if e.label)
+  for name in ('d.png', 'e.png'):
+    shutil.copy(defective.path, inputs / name)
+    sizes[name] = np.asarray(Image.open(defective.path)).shape[:2]
   (inputs / 'notes.txt').write_text('not an image')
   config = config.copy_and_resolve_references()
   config.mode = 'predict'
@@ -35,16 +50,26 @@ def test_predict_writes_maps_of_each_inputs_size(trained, tmp_path):
   rows = run_lib.run(config, workdir)['predictions']
   assert [os.path.basename(r['file']) for r in rows] == sorted(sizes)
   thresholds = json.load(open(os.path.join(workdir, 'thresholds.json')))
+  maps = {}
   for row in rows:
-    h, w = sizes[os.path.basename(row['file'])]
-    amap = np.asarray(Image.open(row['map']))
-    assert amap.shape == (h, w) and amap.dtype == np.float32
+    name = os.path.basename(row['file'])
+    amap = maps[name] = np.asarray(Image.open(row['map']))
+    assert amap.shape == sizes[name] and amap.dtype == np.float32
+    assert amap.std() > 0, name
     overlay = Image.open(row['overlay'])
-    assert overlay.size == (w, h)
+    assert overlay.size == sizes[name][::-1]
     expected = 'DEFECT' if row['score'] >= thresholds['image'] else 'OK'
     assert row['decision'] == expected
+  np.testing.assert_array_equal(maps['d.png'], maps['e.png'])
+  assert rows[3]['score'] == rows[4]['score']
+  stem = os.path.splitext(os.path.basename(defective.path))[0]
+  evaluated = np.asarray(Image.open(os.path.join(
+      workdir, 'anomaly_maps', 'synthetic', 'test',
+      os.path.basename(os.path.dirname(defective.path)), f'{stem}.tiff')))
+  np.testing.assert_allclose(maps['d.png'], evaluated, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(maps['a.png'].mean(), maps['d.png'].mean())
   with open(tmp_path / 'out' / 'predictions.csv') as f:
-    assert len(list(csv.DictReader(f))) == 3
+    assert len(list(csv.DictReader(f))) == len(sizes)
 
 
 def test_predict_rejects_missing_input(trained, tmp_path):
@@ -70,13 +95,34 @@ def test_depth_report_summarizes_errors_per_depth():
   assert rows[0]['pixel_auroc'] == 1.0 and rows[1]['pixel_auroc'] == 0.0
 
 
-def test_depth_report_mode_on_a_trained_workdir(trained):
+def test_depth_report_mode_on_a_trained_workdir(trained, tmp_path):
+  from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
   report = run_report(trained, 'depth_report')
-  config = trained[0]
+  config, workdir = trained
+  # The same per-depth errors from the evaluation's forward pass (the
+  # reconstructions and details maps.predict returns), scored by sklearn:
+  # a report of another output, depth, image or mask differs.
+  params = params_lib.load_params(config, workdir)
+  loader = run_lib.prepare(config, str(tmp_path / 'wd'))
+  predict_fn = maps_lib.make_predict_fn(config)
+  errors, masks = {'rcae': [], 'dpn': []}, []
+  for batch in loader.test_batches(config.eval.batch_size):
+    out = predict_fn(params, batch['image'])
+    keep = batch['valid']
+    x = batch['image'][keep].astype(np.float32) / 255
+    for name, key in (('rcae', 'recs'), ('dpn', 'details')):
+      errors[name].append(np.abs(np.asarray(out[key])[:, keep] - x).mean(-1))
+    masks.append(batch['mask'][keep].astype(bool))
+  masks = np.concatenate(masks)
   for name in ('rcae', 'dpn'):  # The tiny config trains DPN (stage 2).
+    per_depth = np.concatenate(errors[name], axis=1)
     assert [r['depth'] for r in report[name]] == list(
         range(1, config.model.depth + 1))
-    assert all(0.0 <= r['pixel_auroc'] <= 1.0 for r in report[name])
+    for row, err in zip(report[name], per_depth):
+      assert row['pixel_auroc'] == pytest.approx(
+          skm.roc_auc_score(masks.ravel(), err.ravel()), abs=1e-6)
+      assert row['defect_error'] == pytest.approx(err[masks].mean(), 1e-4)
+      assert row['good_error'] == pytest.approx(err[~masks].mean(), 1e-4)
 
 
 def test_recursion_error_map_combines_depths():
@@ -99,13 +145,10 @@ def test_recursion_error_map_combines_depths():
 
 # ------------------------------------------------- production-line predict
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def _save(path, shape, seed=0):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(np.random.default_rng(seed).integers(
-      0, 255, shape, np.uint8)).save(path)
+  """A random image of `shape`, from `seed`."""
+  write_image(path, np.random.default_rng(seed).integers(0, 255, shape,
+                                                           np.uint8))
 
 
 def _truncated_png(path):
@@ -253,9 +296,16 @@ def test_predict_command_survives_bad_frames(trained, tmp_path):
           for n in ('line1/001.png', 'line2/001.png')]
   assert maps[0].shape == (40, 50) and not np.array_equal(*maps)
   assert (tmp_path / 'out' / 'line2' / '001.png.overlay.png').exists()
+  # The two scored frames' decisions from their scores and the workdir's
+  # threshold; the summary counts those rows.
+  threshold = json.load(open(os.path.join(workdir, 'thresholds.json')))['image']
+  scored = [rows[n] for n in ('line1/001.png', 'line2/001.png')]
+  decisions = ['DEFECT' if float(r['score']) >= threshold else 'OK'
+               for r in scored]
+  assert [r['decision'] for r in scored] == decisions
   saved = json.load(open(tmp_path / 'out' / 'predictions.json'))
-  assert saved['summary'] == {'images': 4, 'ok': saved['summary']['ok'],
-                              'defect': 2 - saved['summary']['ok'],
+  assert saved['summary'] == {'images': 4, 'ok': decisions.count('OK'),
+                              'defect': decisions.count('DEFECT'),
                               'error': 2}
 
 

@@ -10,33 +10,29 @@ import pytest  # pylint: disable=g-import-not-at-top
 
 tfds = pytest.importorskip('tensorflow_datasets')
 
+from conftest import write_image  # pylint: disable=g-import-not-at-top
 from rcae_jax.data import folder, mvtec_tfds  # pylint: disable=g-import-not-at-top
-
-
-def _save(path, array):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(array).save(path)
 
 
 def make_mvtec(root, category='bottle'):
   rng = np.random.default_rng(0)
   cat = os.path.join(root, category)
   for i in range(3):
-    _save(os.path.join(cat, 'train', 'good', f'{i:03d}.png'),
-          rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    write_image(os.path.join(cat, 'train', 'good', f'{i:03d}.png'),
+                rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
   for i in range(2):
-    _save(os.path.join(cat, 'test', 'good', f'{i:03d}.png'),
-          rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    write_image(os.path.join(cat, 'test', 'good', f'{i:03d}.png'),
+                rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
   # One grey defective image: stored as RGB, like the folder loaders do.
-  _save(os.path.join(cat, 'test', 'broken_large', '000.png'),
-        rng.integers(0, 255, (16, 16), dtype=np.uint8))
-  _save(os.path.join(cat, 'test', 'broken_large', '001.png'),
-        rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+  write_image(os.path.join(cat, 'test', 'broken_large', '000.png'),
+              rng.integers(0, 255, (16, 16), dtype=np.uint8))
+  write_image(os.path.join(cat, 'test', 'broken_large', '001.png'),
+              rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
   for i in range(2):
     mask = np.zeros((16, 16), np.uint8)
     mask[i:i + 4, 2:9] = 255
-    _save(os.path.join(cat, 'ground_truth', 'broken_large',
-                       f'{i:03d}_mask.png'), mask)
+    write_image(os.path.join(cat, 'ground_truth', 'broken_large',
+                f'{i:03d}_mask.png'), mask)
 
 
 def _read(builder, split):

@@ -4,17 +4,12 @@ import logging
 import os
 
 import numpy as np
-from PIL import Image
 import pytest
 
+from conftest import write_image
 from rcae_jax.data import decode, folder, visa
 
 HEADER = 'object,split,label,image,mask\n'
-
-
-def _save(path, array):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(array).save(path)
 
 
 def make_visa(root, category='capsules', n_train=3, n_good=2, n_bad=2,
@@ -25,18 +20,18 @@ def make_visa(root, category='capsules', n_train=3, n_good=2, n_bad=2,
   rows = []
   for i in range(n_train + n_good):
     rel = f'{category}/Data/Images/Normal/{i:04d}.JPG'
-    _save(os.path.join(root, rel),
-          rng.integers(0, 255, (12, 16, 3), dtype=np.uint8))
+    write_image(os.path.join(root, rel),
+                rng.integers(0, 255, (12, 16, 3), dtype=np.uint8))
     split = 'train' if i < n_train else 'test'
     rows.append(f'{category},{split},normal,{rel},')
   for i in range(n_bad):
     rel = f'{category}/Data/Images/Anomaly/{i:03d}.JPG'
     mrel = f'{category}/Data/Masks/Anomaly/{i:03d}.png'
-    _save(os.path.join(root, rel),
-          rng.integers(0, 255, (12, 16, 3), dtype=np.uint8))
+    write_image(os.path.join(root, rel),
+                rng.integers(0, 255, (12, 16, 3), dtype=np.uint8))
     mask = np.zeros((12, 16), np.uint8)
     mask[2:5, 3:7] = mask_scale
-    _save(os.path.join(root, mrel), mask)
+    write_image(os.path.join(root, mrel), mask)
     rows.append(f'{category},test,anomaly,{rel},{mrel}')
   # Another category's rows must be skipped.
   rows.append('pcb1,train,normal,pcb1/Data/Images/Normal/0000.JPG,')
@@ -114,26 +109,17 @@ def test_missing_columns(tmp_path):
   assert csv_path in str(e.value)
 
 
-def test_missing_image_file(tmp_path):
+@pytest.mark.parametrize('folder_name,name,message', [
+    ('Images', '001.JPG', 'does not exist'),
+    ('Masks', '000.png', 'mask .* does not exist')])
+def test_missing_image_or_mask_file(tmp_path, folder_name, name, message):
   root = str(tmp_path)
   make_visa(root)
-  gone = os.path.join(root, 'capsules', 'Data', 'Images', 'Anomaly',
-                      '001.JPG')
+  gone = os.path.join(root, 'capsules', 'Data', folder_name, 'Anomaly', name)
   os.remove(gone)
-  with pytest.raises(folder.DataError, match='does not exist') as e:
+  with pytest.raises(folder.DataError, match=message) as e:
     visa.discover_visa(root, 'capsules')
   assert gone in str(e.value) and '1cls.csv:' in str(e.value)
-
-
-def test_missing_mask_file(tmp_path):
-  root = str(tmp_path)
-  make_visa(root)
-  gone = os.path.join(root, 'capsules', 'Data', 'Masks', 'Anomaly',
-                      '000.png')
-  os.remove(gone)
-  with pytest.raises(folder.DataError, match='mask .* does not exist') as e:
-    visa.discover_visa(root, 'capsules')
-  assert gone in str(e.value)
 
 
 def test_anomaly_without_mask(tmp_path):

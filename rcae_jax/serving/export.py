@@ -80,7 +80,8 @@ EXPORT_FOLDER = 'export'
 FUNCTION_FILE = 'predict.stablehlo'
 MODEL_JSON = 'model.json'
 SERVE_SCRIPT = 'serve_export.py'
-# The standalone scorer, shipped as package data so installed copies have it.
+# The standalone scorer, beside this module (it imports nothing of the
+# package, so that it runs wherever the artefact is copied).
 SERVE_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                             SERVE_SCRIPT)
 

@@ -37,7 +37,9 @@ import sys
 import time
 
 from rcae_jax.data import decode, folder, synthetic
-from rcae_jax.data import input_pipeline
+from rcae_jax.data import augment as augment_lib
+from rcae_jax.data import loader as loader_lib
+from rcae_jax.data import tfdata_loader
 
 LOADERS = ('tfdata', 'memory')
 
@@ -84,14 +86,14 @@ def parse_args(argv):
   if args.root and not args.category:
     p.error('--root needs --category')
   try:
-    input_pipeline.parse_augment(args.augment)
+    augment_lib.parse_augment(args.augment)
   except ValueError as e:
     p.error(str(e))
   return args
 
 
 def resolve(args) -> folder.CategoryFiles:
-  """The category, as input_pipeline.resolve_files does for a config."""
+  """The category, as sources.resolve_files does for a config."""
   if not args.root:
     root = synthetic.ensure(seed=args.seed, size=args.synthetic_size,
                             n_train=args.synthetic_train, n_test_good=1,
@@ -142,8 +144,8 @@ def _time_batches(it, steps: int) -> float:
 
 def bench_memory(files, size, args) -> dict:
   t0 = time.perf_counter()
-  loader = input_pipeline.MemoryLoader(files, size, args.workers,
-                                       augment=args.augment)
+  loader = loader_lib.MemoryLoader(files, size, args.workers,
+                                   augment=args.augment)
   images = loader.train_images()
   decode_s = time.perf_counter() - t0
   it = loader.train_batches(args.batch, seed=args.seed)
@@ -168,8 +170,8 @@ def bench_memory(files, size, args) -> dict:
 
 
 def bench_tfdata(files, size, args) -> dict:
-  loader = input_pipeline.TFDataLoader(files, size, args.workers,
-                                       augment=args.augment)
+  loader = tfdata_loader.TFDataLoader(files, size, args.workers,
+                                      augment=args.augment)
   it = loader.train_batches(args.batch, seed=args.seed)
   t0 = time.perf_counter()
   first = next(it)
@@ -215,12 +217,12 @@ def run(args, argv) -> dict:
       'num_train': len(files.train),
       'source_image_hw': list(decode.image_shape(files.train[0])),
       'batch': args.batch, 'steps': args.steps,
-      'augment': list(input_pipeline.parse_augment(args.augment)),
+      'augment': list(augment_lib.parse_augment(args.augment)),
       'rows': [],
   }
   if 'tfdata' in loaders:
     t0 = time.perf_counter()
-    tf = input_pipeline.import_tensorflow()
+    tf = tfdata_loader.import_tensorflow()
     result['tensorflow_import_s'] = round(time.perf_counter() - t0, 2)
     result['tensorflow'] = tf.__version__
   print(f"Category {files.category} at {files.root}: {len(files.train)} "

@@ -57,7 +57,6 @@ import numpy as np
 
 from rcae_jax.model import flops as flops_lib
 from rcae_jax.model import inference
-from rcae_jax.model import losses
 
 DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(

@@ -44,7 +44,7 @@ def guard(step_fn):
     first_bad = (~finite) & (health['nonfinite_steps'] == 0)
     metrics = dict(
         metrics, finite=finite,
-        param_norm=optax.global_norm(new.params),
+        param_norm=optax.tree.norm(new.params),
         nonfinite_steps=health['nonfinite_steps'] + (~finite).astype(
             jnp.int32),
         first_nonfinite_step=jnp.where(first_bad, state.step + 1,

@@ -2,7 +2,7 @@
 
 Parameters and optimizer state are replicated; batches are split on their
 leading axis across all devices of all processes. Each process feeds only
-its local shard (`input_pipeline.host_slice`), and
+its local shard (`order.host_slice`), and
 `jax.make_array_from_process_local_data` assembles the global batch, so the
 same code runs on one CPU, an 8-GPU host and a TPU pod slice.
 """

@@ -46,7 +46,7 @@ import optax
 from rcae_jax.common import checkpoints
 from rcae_jax.common import errors
 from rcae_jax.common import writers
-from rcae_jax.data import input_pipeline
+from rcae_jax.data import loader as loader_lib
 from rcae_jax.model import inference
 from rcae_jax.model import losses
 from rcae_jax.training import anomalies
@@ -109,7 +109,7 @@ def stage1_step(state, frozen, batch, rng, *, depth, nets, tx,
       lambda p: stage1_loss(nets, p, x, depth, consistency_weight))(
           state.params)
   state = _apply_grads(state, grads, tx)
-  return state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+  return state, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
 
 def stage1_depth(seed: int, step: int, max_depth: int) -> int:
@@ -129,7 +129,7 @@ def stage2_step(state, frozen, batch, rng, *, nets, tx, crop_size=0):
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   state = _apply_grads(state, grads, tx)
-  return state, {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+  return state, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
 
 def input_keep(rng: jax.Array, batch: int, dropout: float):
@@ -158,7 +158,7 @@ def stage3_step(state, frozen, batch, rng, *, nets, tx, use_dpn,
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   state = _apply_grads(state, grads, tx)
-  return state, {'loss': loss, 'grad_norm': optax.global_norm(grads),
+  return state, {'loss': loss, 'grad_norm': optax.tree.norm(grads),
                  'anomalous_fraction': jnp.mean(mask)}
 
 
@@ -273,7 +273,7 @@ def initial_params(nets: inference.Networks, config) -> dict:
 
 
 def train_and_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                         loader: input_pipeline.Loader,
+                         loader: loader_lib.Loader,
                          on_eval: Optional[Callable] = None) -> dict:
   """Runs (or resumes) all stages; returns the final parameters.
 
