@@ -34,12 +34,32 @@ CATEGORIES = {
 # The recipe's steps (configs/cpu_real.py).
 STEPS = {1: 1500, 2: 200, 3: 600}
 # Stage-3 levers: forks of the end of stage 2.
+REALISTIC = '--config.anomalies.style=realistic'
+RESIDUAL = '--config.model.crd_residual=True'
+DROPOUT = '--config.train.stage3.input_dropout=0.5'
+GRAD_MAG = '--config.model.dpn_guide=grad_mag'
+BLURRED = '--config.model.dpn_guide=blurred_grad'
 STAGE3 = {
     'base': [],
+    'realistic': [REALISTIC],
+    'residual': [RESIDUAL],
+    'residual_dropout': [RESIDUAL, DROPOUT],
+    'realistic_residual': [REALISTIC, RESIDUAL],
+    'realistic_residual_dropout': [REALISTIC, RESIDUAL, DROPOUT],
 }
 # Stage-2 levers (DPN guide): forks of the end of stage 1, then stage 3 as
-# the baseline trains it.
-STAGE2 = {}
+# the baseline trains it, or with every stage-3 lever.
+STAGE2 = {
+    'guide_grad_mag': [GRAD_MAG],
+    'guide_blurred_grad': [BLURRED],
+    'guide_grad_mag_realistic_residual_dropout': [GRAD_MAG, REALISTIC,
+                                                  RESIDUAL, DROPOUT],
+}
+# Evaluation-only variants of every finished fork (no retraining).
+EVAL_ONLY = {
+    'fused': ['--config.eval.scoring=fused'],
+    'crd_sigma2': ['--config.eval.crd_sigma=2.0'],
+}
 
 QUIET = ['--config.eval.pictures_per_type=0', '--config.eval.export_maps=False']
 _lock = threading.Lock()
@@ -107,6 +127,17 @@ def train_fork(args, rows, name, lever, src, wd, flags, stage3_steps=True):
     row.update(shortcut_exit=code2, shortcut_seconds=round(secs2, 1),
                shortcut=read_json(os.path.join(wd, 'shortcut_report.json')))
   record(args, rows, row)
+  if code == 0:
+    for variant, extra in EVAL_ONLY.items():
+      ev = f'{wd}_{variant}'
+      fork(wd, ev)
+      code3, secs3 = run(main_cmd(ev, flags + extra +
+                                  ['--config.mode=evaluate']), log)
+      record(args, rows, {'category': name, 'lever': f'{lever}+{variant}',
+                          'flags': flags + extra, 'exit': code3,
+                          'eval_seconds': round(secs3, 1),
+                          'metrics': read_json(os.path.join(
+                              ev, 'metrics.json'))})
   return row
 
 

@@ -16,8 +16,9 @@ MAY_IMPORT = {
     'evaluation': {'common', 'data', 'model'},
     'serving': {'common', 'data', 'model', 'evaluation'},
     'training': {'common', 'data', 'model'},
+    # Tools may import anything, the top level too (config_files).
     'tools': {'common', 'data', 'model', 'evaluation', 'serving',
-              'training'},
+              'training', 'top'},
 }
 
 
