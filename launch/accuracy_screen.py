@@ -39,13 +39,14 @@ RESIDUAL = '--config.model.crd_residual=True'
 DROPOUT = '--config.train.stage3.input_dropout=0.5'
 GRAD_MAG = '--config.model.dpn_guide=grad_mag'
 BLURRED = '--config.model.dpn_guide=blurred_grad'
+# In the order they are started (the most informative first).
 STAGE3 = {
     'base': [],
+    'realistic_residual_dropout': [REALISTIC, RESIDUAL, DROPOUT],
     'realistic': [REALISTIC],
     'residual': [RESIDUAL],
     'residual_dropout': [RESIDUAL, DROPOUT],
     'realistic_residual': [REALISTIC, RESIDUAL],
-    'realistic_residual_dropout': [REALISTIC, RESIDUAL, DROPOUT],
 }
 # Stage-2 levers (DPN guide): forks of the end of stage 1, then stage 3 as
 # the baseline trains it, or with every stage-3 lever.
