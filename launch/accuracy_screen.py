@@ -183,7 +183,14 @@ def main():
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--steps', type=float, default=1.0)
   parser.add_argument('--categories', default=','.join(CATEGORIES))
+  parser.add_argument('--levers', default='',
+                      help='comma-separated lever names to run (default: all)')
   args = parser.parse_args()
+  if args.levers:
+    keep = set(args.levers.split(','))
+    for table in (STAGE3, STAGE2, EVAL_ONLY):
+      for name in [n for n in table if n not in keep]:
+        del table[name]
   os.makedirs(os.path.join(args.out, 'logs'), exist_ok=True)
   rows = []
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
