@@ -13,8 +13,11 @@ Research tools (reports on a trained workdir, not needed to use the model):
   benchmark      inference latency and throughput (configs/benchmark.py)
   depth_report   reconstruction error per recursion depth on defects
   fusion_report  test metrics of CRD's map, the recursion map and fusions
+  shortcut_report  does CRD read the recursion? its metrics fed I or grey
+                 in place of every depth's reconstruction
   (separate command lines: python -m rcae_jax.tools.pipeline_benchmark --help,
    python -m rcae_jax.tools.scaling_benchmark --help,
+   python -m rcae_jax.tools.torch_benchmark --help (the same network in PyTorch),
    python -m rcae_jax.evaluation.learning_curves DIR: redraw DIR's curves)
 
 A workdir remembers its config (DIR/config.json): on an existing workdir
