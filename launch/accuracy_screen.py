@@ -146,25 +146,20 @@ def screen_category(args, pool, rows, name):
   base = category_flags(args, name)
   wd = lambda tag: os.path.join(args.out, 'wd', f'{name}_{tag}')
   log = os.path.join(args.out, 'logs', f'{name}_base.log')
-  s1 = base + QUIET + steps_flags(args, STEPS[1], 0, 0) + [
-      '--config.eval.scoring=recursion']
-  code, secs = run(main_cmd(wd('stage1'), s1), log)
-  record(args, rows, {'category': name, 'lever': 'stage1', 'exit': code,
-                      'train_eval_seconds': round(secs, 1),
-                      'metrics': read_json(os.path.join(wd('stage1'),
-                                                        'metrics.json'))})
-  if code:
-    return []
-  fork(wd('stage1'), wd('stage2'))
-  s2 = base + QUIET + steps_flags(args, STEPS[1], STEPS[2], 0) + [
-      '--config.eval.scoring=recursion']
-  code, secs = run(main_cmd(wd('stage2'), s2), log)
-  record(args, rows, {'category': name, 'lever': 'stage2', 'exit': code,
-                      'train_eval_seconds': round(secs, 1),
-                      'metrics': read_json(os.path.join(wd('stage2'),
-                                                        'metrics.json'))})
-  if code:
-    return []
+  # Stage 1, then stage 2 on a copy of it: the forks' two starting points.
+  for stage, src, steps in ((1, None, (STEPS[1], 0, 0)),
+                            (2, wd('stage1'), (STEPS[1], STEPS[2], 0))):
+    if src:
+      fork(src, wd(f'stage{stage}'))
+    flags = base + QUIET + steps_flags(args, *steps) + [
+        '--config.eval.scoring=recursion']
+    code, secs = run(main_cmd(wd(f'stage{stage}'), flags), log)
+    record(args, rows, {'category': name, 'lever': f'stage{stage}',
+                        'exit': code, 'train_eval_seconds': round(secs, 1),
+                        'metrics': read_json(os.path.join(
+                            wd(f'stage{stage}'), 'metrics.json'))})
+    if code:
+      return []
   full = base + QUIET + steps_flags(args, STEPS[1], STEPS[2], STEPS[3])
   jobs = [pool.submit(train_fork, args, rows, name, lever, wd('stage2'),
                       wd(lever), full + flags)

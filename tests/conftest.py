@@ -78,18 +78,24 @@ def load_config(name: str):
   return module.get_config()
 
 
-def tiny_config(**overrides):
-  """configs/smoke.py (seconds on one CPU core) with dotted overrides."""
-  import smoke  # configs/smoke.py  # pylint: disable=g-import-not-at-top
-  config = smoke.get_config()
-  config.mesh.num_devices = 1  # conftest fakes 8 devices; tests opt in.
-  for key, value in overrides.items():
+def set_fields(config, **fields):
+  """Sets dotted fields ('eval.scoring': 'fused') on `config` in place;
+  returns it."""
+  for key, value in fields.items():
     target = config
     *path, last = key.split('.')
     for p in path:
       target = target[p]
     target[last] = value
   return config
+
+
+def tiny_config(**overrides):
+  """configs/smoke.py (seconds on one CPU core) with dotted overrides."""
+  import smoke  # configs/smoke.py  # pylint: disable=g-import-not-at-top
+  config = smoke.get_config()
+  config.mesh.num_devices = 1  # conftest fakes 8 devices; tests opt in.
+  return set_fields(config, **overrides)
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import set_fields
+
 from rcae_jax import run as run_lib
 from rcae_jax import validate
 from rcae_jax.data import geometry
@@ -21,14 +23,7 @@ from rcae_jax.serving import params as params_lib
 
 
 def _with(config, **fields):
-  cfg = config.copy_and_resolve_references()
-  for key, value in fields.items():
-    target = cfg
-    *path, last = key.split('.')
-    for p in path:
-      target = target[p]
-    target[last] = value
-  return cfg
+  return set_fields(config.copy_and_resolve_references(), **fields)
 
 
 @pytest.fixture(scope='module')
