@@ -100,7 +100,9 @@ def run_predictions(params, loader, config, split: str = 'test',
         pictured[offset + j] = (np.asarray(batch['image'][j]), extent,
                                 (0, 0) + extent)
     offset += int(valid.sum())
-    return out
+    # A full predict function (a stand-in without `map_score`) hands back
+    # the reconstructions too: only the map and score are rows.
+    return {k: out[k] for k in maps_lib.MAP_SCORE}
 
   rows = collect(loader, config.eval.batch_size, step, split)
   kept = picture_outputs(predict_fn, params, pictured,
