@@ -23,6 +23,7 @@ from rcae_jax.data import input_pipeline
 from rcae_jax.data import sources
 from rcae_jax.evaluation import evaluate
 from rcae_jax.evaluation import report as report_lib
+from rcae_jax.evaluation import thresholds
 from rcae_jax.evaluation import curve_hook
 from rcae_jax.model import flops
 from rcae_jax.serving import params as params_lib
@@ -33,9 +34,6 @@ from rcae_jax.training import train
 REPORT_MODES = ('depth_report', 'fusion_report', 'shortcut_report')
 # Modes that need a trained workdir (its checkpoints).
 TRAINED_MODES = ('evaluate', 'predict', 'export') + REPORT_MODES
-# The split of labelled test images held out for eval.threshold='f1'
-# (Loader.examples[LABELLED_VAL]; thresholds.choose_thresholds reads it).
-LABELLED_VAL = 'labelled_val'
 
 
 class WorkdirError(ValueError):
@@ -61,11 +59,6 @@ def check_workdir(config, workdir: str) -> None:
         'rerun the training command to finish it')
 
 
-def stage_batch_size(config, stage: int) -> int:
-  """The global batch size stage `stage` trains with."""
-  return config.train[f'stage{stage}'].batch_size or config.train.batch_size
-
-
 def epochs_to_steps(config, num_examples: int) -> dict:
   """Sets train.stageN.steps of each stage given in epochs (epochs > 0)
   to that many passes over `num_examples` training examples (images, or
@@ -76,8 +69,8 @@ def epochs_to_steps(config, num_examples: int) -> dict:
   for s in (1, 2, 3):
     stage = config.train[f'stage{s}']
     if stage.get('epochs', 0) > 0:
-      steps = math.ceil(stage.epochs * num_examples / stage_batch_size(
-          config, s))
+      batch = train.stage_batch_size(config, s)
+      steps = math.ceil(stage.epochs * num_examples / batch)
       stage.steps = steps
       converted[s] = steps
   return converted
@@ -123,13 +116,13 @@ def prepare(config, workdir: str):
   train_files, val = sources.split_validation(
       files, config.data.val_fraction, config.seed)
   labelled = ()
-  if config.eval.threshold == 'f1' and folder.good_only(files):
-    raise folder.DataError(
-        "config.eval.threshold='f1' needs labelled test images (test/good "
-        f'and test/<defect>), and {os.path.join(files.root, files.category)!r}'
-        " has no test/ folder: use eval.threshold='quantile' (the default) "
-        "or 'fixed'")
   if config.eval.threshold == 'f1':
+    if folder.good_only(files):
+      raise folder.DataError(
+          "config.eval.threshold='f1' needs labelled test images (test/good "
+          'and test/<defect>), and '
+          f'{os.path.join(files.root, files.category)!r} has no test/ folder: '
+          "use eval.threshold='quantile' (the default) or 'fixed'")
     train_files, labelled = hold_out_labelled(
         train_files, config.eval.f1_val_fraction, config.seed)
     logging.info('eval.threshold=f1: %d labelled test images held out to '
@@ -137,12 +130,13 @@ def prepare(config, workdir: str):
                  len(labelled), len(train_files.test))
   loader = input_pipeline.make_loader(config.data, train_files, val)
   if labelled:
-    loader.examples[LABELLED_VAL] = labelled
+    loader.examples[thresholds.LABELLED_VAL] = labelled
   converted = epochs_to_steps(config, loader.num_train_examples)
   for s, steps in converted.items():
     logging.info('Stage %d: %s epochs of %d training examples at batch %d = '
                  '%d steps', s, config.train[f'stage{s}'].epochs,
-                 loader.num_train_examples, stage_batch_size(config, s),
+                 loader.num_train_examples,
+                 train.stage_batch_size(config, s),
                  steps)
   if jax.process_index() == 0:
     save_config(config, workdir, files, loader.num_train_examples)

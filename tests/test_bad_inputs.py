@@ -316,10 +316,10 @@ def test_image_smaller_than_two_to_the_depth_is_upsampled(tmp_path, caplog):
   assert decode.load_image(tiny, SIZE).shape == (SIZE, SIZE, 3)
 
 
-def fake_predict_fn(config, nets=None):
+def fake_predict_fn(config, nets=None, normalisers=None):
   """The predict function's outputs without a model: evaluate() runs in
   full (metrics, thresholds, maps, pictures) with nothing to compile."""
-  del nets
+  del nets, normalisers
 
   def predict(params, images):
     del params

@@ -36,18 +36,21 @@ def evaluate(params, loader, config, workdir: str, writer=None,
   TIFF maps and pictures under `workdir`; returns the metrics report."""
   scoring.check_scoring(config)
   t0 = time.time()
+  # On the device once: every batch's jitted call reuses them.
+  params = jax.device_put(params)
   # 'fused' scoring needs its normalisers (held-out good images) first.
   normalisers = thresholds_lib.fusion_normalisers(params, loader, config,
                                                   workdir)
-  predict_fn = (maps_lib.make_predict_fn(config) if normalisers is None else
-                maps_lib.make_predict_fn(config, normalisers=normalisers))
+  predict_fn = maps_lib.make_predict_fn(config, normalisers=normalisers)
   if folder.good_only(loader.files):
-    return thresholds_lib.thresholds_only(params, loader, config, workdir, predict_fn, extra)
+    return thresholds_lib.thresholds_only(params, loader, config, workdir,
+                                          predict_fn, extra)
   examples = loader.files.test
   show = pictures.picture_indices(examples, config.eval.pictures_per_type)
   maps, scores, labels, small_masks, kept = loops.run_predictions(
       params, loader, config, 'test', predict_fn, keep=show)
-  thresholds = thresholds_lib.choose_thresholds(params, loader, config, predict_fn)
+  thresholds = thresholds_lib.choose_thresholds(params, loader, config,
+                                                predict_fn)
   primary = jax.process_index() == 0  # Every process computes; one writes.
   if primary:
     fileio.write_json_atomic(os.path.join(workdir, 'thresholds.json'),

@@ -121,6 +121,7 @@ def run_tiled_predictions(params, loader, config, split: str, predict_fn,
   images run through: an image of one tile's size maps bit for bit as it
   does untiled."""
   keep, best, labels, masks = set(keep), {}, [], []
+  map_score = maps_lib.map_score_fn(predict_fn)
   tiles = 0
 
   def images():
@@ -132,7 +133,7 @@ def run_tiled_predictions(params, loader, config, split: str, predict_fn,
   def predict_tiles(batch, pieces):
     nonlocal tiles
     tiles += len(pieces)
-    maps = np.asarray(maps_lib.map_score_fn(predict_fn)(params, batch)['map'])
+    maps = np.asarray(map_score(params, batch)['map'])
     for j, p in enumerate(pieces):
       if p.image in keep:
         peak = float(maps[j, :p.extent[0], :p.extent[1]].max())

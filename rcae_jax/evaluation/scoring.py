@@ -66,9 +66,10 @@ def image_scores(maps: jax.Array, eval_cfg, valid=None) -> jax.Array:
 def map_score(amap: np.ndarray, eval_cfg) -> float:
   """`image_scores` of one map [h, w] of any size, every pixel valid.
 
-  The stitched maps of tiled runs differ in size from image to image, so
-  this runs op by op rather than as one jitted program (which would compile
-  for each size); the ops are the same as the jitted path's."""
+  The stitched maps of tiled runs differ in size from image to image. This
+  runs the jitted path's ops one by one (eagerly): each op still compiles
+  once per new map size (small programs, cached), so a stream of images of
+  many different sizes pays that once per size."""
   maps = jnp.asarray(amap, jnp.float32)[None]
   return float(image_scores(maps, eval_cfg)[0])
 
@@ -96,6 +97,13 @@ def recursion_error_map(dets: jax.Array, x: jax.Array,
   raise ValueError(f"eval.recursion_reduce must be 'mean', 'max' or 'last', "
                    f'got {reduce!r}')
 
+# Report modes that read CRD's map, and what they do with it.
+_NEEDS_CRD = {
+    'fusion_report': "compares CRD's map with the recursion map",
+    'shortcut_report': 're-scores CRD with its inputs replaced',
+}
+
+
 def check_scoring(config) -> None:
   """CRD maps (alone or fused) need a trained CRD (stage 3)."""
   scoring = config.eval.scoring
@@ -103,11 +111,6 @@ def check_scoring(config) -> None:
     raise ConfigError(f"config.eval.scoring='{scoring}' needs stage 3: set "
                       "config.train.stage3.steps > 0 or "
                       "config.eval.scoring='recursion'")
-  if config.mode == 'fusion_report' and config.train.stage3.steps == 0:
-    raise ConfigError("config.mode='fusion_report' compares CRD's map with "
-                      'the recursion map and needs stage 3: set '
-                      'config.train.stage3.steps > 0')
-  if config.mode == 'shortcut_report' and config.train.stage3.steps == 0:
-    raise ConfigError("config.mode='shortcut_report' re-scores CRD with its "
-                      'inputs replaced and needs stage 3: set '
-                      'config.train.stage3.steps > 0')
+  if config.mode in _NEEDS_CRD and config.train.stage3.steps == 0:
+    raise ConfigError(f"config.mode='{config.mode}' {_NEEDS_CRD[config.mode]} "
+                      'and needs stage 3: set config.train.stage3.steps > 0')

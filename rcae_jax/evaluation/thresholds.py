@@ -33,7 +33,8 @@ from rcae_jax.evaluation import metrics as metrics_lib
 from rcae_jax.evaluation import report as report_lib
 
 
-# Loader split of the labelled images held out for 'f1' (run.LABELLED_VAL).
+# Loader split of the labelled test images that run.prepare holds out for
+# 'f1' (Loader.examples[LABELLED_VAL]).
 LABELLED_VAL = 'labelled_val'
 
 
@@ -103,8 +104,8 @@ def quantile_thresholds(params, loader, config, predict_fn) -> dict:
   if not held_out:
     logging.warning('No held-out images (data.val_fraction=0): thresholds '
                     'come from training images and will be too low.')
-  maps, scores, _, _, _ = loops.run_predictions(params, loader, config, 'val',
-                                          predict_fn)
+  maps, scores, _, _, _ = loops.run_predictions(params, loader, config,
+                                                'val', predict_fn)
   # Valid pixels only (the whole map when squashed).
   maps = np.concatenate([geometry.crop(m, e).ravel()
                          for m, e in zip(maps, loader.extents('val'))])
@@ -112,10 +113,9 @@ def quantile_thresholds(params, loader, config, predict_fn) -> dict:
   median = float(np.median(maps))
   return {'image': float(np.quantile(scores, config.eval.image_quantile)),
           'pixel': pixel,
-          # Colour scale for overlays of new images: the pixel threshold sits
-          # mid-scale, typical normal pixels at the bottom.
+          # Colour scale for overlays of new images: typical normal pixels
+          # at the bottom (choose_thresholds puts the threshold mid-scale).
           'display_min': median,
-          'display_max': pixel + max(pixel - median, 1e-6),
           'num_images': int(len(scores)),
           'source': ('held-out good training images' if held_out
                      else 'training images (no held-out split)')}

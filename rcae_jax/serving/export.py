@@ -39,9 +39,8 @@ from rcae_jax.common import fileio
 def predict_map_score(params, images, *, nets, config, normalisers=None):
   """The deployed function: the anomaly map and the image score only."""
   from rcae_jax.evaluation import maps as maps_lib  # pylint: disable=g-import-not-at-top
-  out = maps_lib.predict(params, images, nets=nets, config=config,
-                         normalisers=normalisers)
-  return {'map': out['map'], 'score': out['score']}
+  return maps_lib.predict(params, images, nets=nets, config=config,
+                          normalisers=normalisers, outputs=maps_lib.MAP_SCORE)
 
 
 def export_predict(params, config, path: str, *,

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import os
 
-import jax
 
 from rcae_jax.common import checkpoints
 from rcae_jax.model import inference
 
 
 def load_params(config, workdir: str) -> dict:
-  """The latest checkpoint's parameters (for evaluation / prediction),
-  placed on the default device once: host arrays handed to a jitted call
-  would be copied to the device again at every call."""
+  """The latest checkpoint's parameters (for evaluation / prediction), as
+  host arrays: the caller places them on its device once (evaluate,
+  predict, benchmark), since host arrays handed to a jitted call are copied
+  to the device again at every call."""
   checkpoints.check_resume_compatible(config, os.path.join(workdir, 'checkpoints'))
   params = inference.abstract_params(
       inference.build_networks(config.model), config.data.image_size)
@@ -29,4 +29,4 @@ def load_params(config, workdir: str) -> dict:
   if restored is None:
     raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints: train '
                             'first (--config.mode=train)')
-  return jax.device_put(restored[1]['params'])
+  return restored[1]['params']

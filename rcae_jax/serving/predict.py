@@ -30,15 +30,17 @@ import logging
 import os
 import time
 
+import jax
 import numpy as np
+
 from rcae_jax.common import fileio
 from rcae_jax.data import decode
 from rcae_jax.data import geometry
 from rcae_jax.data import tiling as tiling_lib
-from rcae_jax.evaluation import scoring
-from rcae_jax.evaluation import maps as maps_lib
 from rcae_jax.evaluation import export_maps
 from rcae_jax.evaluation import fusion
+from rcae_jax.evaluation import maps as maps_lib
+from rcae_jax.evaluation import scoring
 from rcae_jax.evaluation import visualize
 from rcae_jax.serving import params as params_lib
 from rcae_jax.serving import predict_inputs
@@ -198,7 +200,8 @@ def predict_files(config, workdir: str) -> dict:
   """Scores `config.predict.inputs`; returns {'predictions': every row of
   the report, 'summary': counts, 'message': the summary line}."""
   thresholds = load_thresholds(workdir)
-  fusion.for_config(config, workdir)  # Fails now, not after the listing.
+  # Read (or refused, in one line) now, not after the listing.
+  normalisers = fusion.for_config(config, workdir)
   out_dir = config.predict.output or os.path.join(workdir, 'predictions')
   inputs = predict_inputs.list_inputs(config.predict.inputs, skip=out_dir)
   fileio.makedirs(out_dir)
@@ -208,7 +211,8 @@ def predict_files(config, workdir: str) -> dict:
   logging.info('Predict: %d images, %d already in %s, %d to score',
                len(inputs), len(inputs) - len(todo), report.path, len(todo))
   if todo:
-    score_all(config, workdir, todo, report, thresholds, out_dir)
+    score_all(config, workdir, todo, report, thresholds, out_dir,
+              normalisers)
   rows = report.rows()
   summary = summarize(rows)
   message = summary_line(summary, rows, report.path)
@@ -220,14 +224,16 @@ def predict_files(config, workdir: str) -> dict:
   return {'predictions': rows, 'summary': summary, 'message': message}
 
 
-def score_all(config, workdir, todo, report, thresholds, out_dir) -> None:
+def score_all(config, workdir, todo, report, thresholds, out_dir,
+              normalisers=None) -> None:
   """Streams `todo` through the model, appending rows to `report` at most
   every `predict.flush_seconds` (and whatever is pending on the way out,
   also on an exception or Ctrl-C)."""
-  params = params_lib.load_params(config, workdir)  # On the device, once.
+  # On the device, once.
+  params = jax.device_put(params_lib.load_params(config, workdir))
   # Maps and scores only: no reconstructions copied back per batch.
   predict_fn = maps_lib.map_score_fn(maps_lib.make_predict_fn(
-      config, normalisers=fusion.for_config(config, workdir)))
+      config, normalisers=normalisers))
   start = last_flush = time.monotonic()
   pending, done, errors = [], 0, 0
   try:

@@ -134,7 +134,8 @@ def load_or_init_params(config, bench) -> tuple[dict, str]:
   both kinds are placed the same way, so the timings do not depend on where
   the weights came from."""
   if bench.checkpoint_workdir:
-    return (params_lib.load_params(config, bench.checkpoint_workdir),
+    return (jax.device_put(params_lib.load_params(config,
+                                                  bench.checkpoint_workdir)),
             f'checkpoint:{fileio.absolute(bench.checkpoint_workdir)}')
   return random_params(config, config.seed), 'random'
 
