@@ -6,7 +6,7 @@ Command (from the repository root):
 
 It compiles the full inference function (N = 5 recursions of a width-128
 RcAE with 2 residual blocks per step, DPN width 32, CRD width 16, CRD
-scoring; 6.33 M parameters: RcAE 1.70 M, DPN 2.69 M, CRD 1.93 M) ahead of
+scoring; 6.19 M parameters: RcAE 1.56 M, DPN 2.70 M, CRD 1.94 M) ahead of
 time for every image size x dtype x batch size below, times it on the device
 and end to end, prints a table and writes DIR/benchmark.json. Weights are
 random unless `--config.benchmark.checkpoint_workdir=TRAINED_WORKDIR` is
@@ -14,11 +14,10 @@ given (the model fields must then match that run's config). No data is
 read and nothing is trained; TensorFlow is not needed.
 
 Hardware: one GPU / TPU (runs on CPU too, slowly). Analytic cost
-(rcae_jax/model/flops.py): 657 GFLOP per 256^2 image, 10.5 TFLOP per 1024^2
-image. Expected speed, not yet measured with this config: an earlier test
-of a similar but smaller network (4.5 M parameters, ~536 GFLOP per
-256^2 image) measured 5.7 ms per image at batch 1 in bfloat16 and ~400 images/s
-at batch 16 on one H200. The default sweep compiles 16 programs (2 sizes x
+(rcae_jax/model/flops.py): 627.5 GFLOP per 256^2 image. Measured on one
+H200 (2026-12-04, `launch/gpu_benchmark.sh docs/h200`, which trims this
+sweep to 256^2 at batches 1 and 16): 7.27 ms at batch 1 and 338 images/s at
+batch 16 in bfloat16 (docs/performance.md, "One H200"). The default sweep compiles 16 programs (2 sizes x
 2 dtypes x 4 batch sizes). Memory: XLA:CPU's memory analysis of the
 compiled program gives ~0.18 GiB of temporaries per 256^2 image and ~3 GiB
 per 1024^2 image (bf16; f32 ~3.4), so 1024^2 at batch 32 needs ~100 GiB:

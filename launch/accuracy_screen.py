@@ -25,14 +25,19 @@ import sys
 import threading
 import time
 
+from rcae_jax import config_files
+from rcae_jax.common import fileio
+
 # category: (folder under DATA_ROOT, category name, augmentation).
 CATEGORIES = {
     'grid': ('mvtec_grid', 'grid', 'hflip,vflip,rot90'),
     'kolektorsdd': ('kolektorsdd', 'kolektorsdd', ''),
     'capsules': ('visa_capsules', 'capsules', ''),
 }
-# The recipe's steps (configs/cpu_real.py).
-STEPS = {1: 1500, 2: 200, 3: 600}
+# The recipe's steps, read from configs/cpu_real.py so they cannot drift.
+_RECIPE = config_files.load(os.path.join(config_files.CONFIGS_DIR,
+                                         'cpu_real.py'))
+STEPS = {s: _RECIPE.train[f'stage{s}'].steps for s in (1, 2, 3)}
 # Stage-3 levers: forks of the end of stage 2.
 REALISTIC = '--config.anomalies.style=realistic'
 RESIDUAL = '--config.model.crd_residual=True'
@@ -103,8 +108,8 @@ def fork(src, dst):
 def record(args, rows, row):
   with _lock:
     rows.append(row)
-    with open(os.path.join(args.out, 'screen.json'), 'w') as f:
-      json.dump(rows, f, indent=1)
+    # Atomic: a screen killed mid-write keeps the previous complete file.
+    fileio.write_json_atomic(os.path.join(args.out, 'screen.json'), rows)
 
 
 def read_json(path):
@@ -115,14 +120,14 @@ def read_json(path):
     return None
 
 
-def train_fork(args, rows, name, lever, src, wd, flags, stage3_steps=True):
+def train_fork(args, rows, name, lever, src, wd, flags):
   log = os.path.join(args.out, 'logs', f'{name}_{lever}.log')
   fork(src, wd)
   code, secs = run(main_cmd(wd, flags), log)
   row = {'category': name, 'lever': lever, 'flags': flags, 'exit': code,
          'train_eval_seconds': round(secs, 1),
          'metrics': read_json(os.path.join(wd, 'metrics.json'))}
-  if code == 0 and stage3_steps:
+  if code == 0:
     code2, secs2 = run(main_cmd(wd, flags + ['--config.mode=shortcut_report']),
                        log)
     row.update(shortcut_exit=code2, shortcut_seconds=round(secs2, 1),

@@ -29,15 +29,21 @@ CONFIGS_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
 
-def base(derived_file: str, name: str) -> ml_collections.ConfigDict:
-  """get_config() of configs/<name>.py beside `derived_file`."""
-  path = os.path.join(os.path.dirname(os.path.abspath(derived_file)),
-                      f'{name}.py')
+def load(path: str) -> ml_collections.ConfigDict:
+  """get_config() of the config file at `path`, loaded by path as --config
+  loads it (sys.path untouched)."""
+  name = os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(f'rcae_jax_config_{name}',
                                                 path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def base(derived_file: str, name: str) -> ml_collections.ConfigDict:
+  """get_config() of configs/<name>.py beside `derived_file`."""
+  return load(os.path.join(os.path.dirname(os.path.abspath(derived_file)),
+                           f'{name}.py'))
 
 
 def _tuples(value):

@@ -70,12 +70,8 @@ def _private_cache(tmp_path_factory):
 
 def load_config(name: str):
   """get_config() of configs/<name>.py, loaded by path as `--config` does."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = os.path.join(REPO, 'configs', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from rcae_jax import config_files  # pylint: disable=g-import-not-at-top
+  return config_files.load(os.path.join(REPO, 'configs', f'{name}.py'))
 
 
 def set_fields(config, **fields):

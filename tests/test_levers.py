@@ -127,8 +127,8 @@ def test_fork_after_stage_2_with_new_crd_trains_and_evaluates(
   assert 'Re-initialising DPN' not in _log(caplog)
   assert 'Stage 3 (crd): steps 0..2' in _log(caplog)
   assert checkpoints.training_complete(fork)
-  flat = json.dumps(report)
-  assert 'pixel_auroc' in flat or 'auroc' in flat
+  (metrics,) = report.values()  # The forked CRD's map was evaluated.
+  assert metrics['scoring'] == 'crd' and 0 <= metrics['pixel_auroc'] <= 1
   saved = json.load(open(os.path.join(fork, 'checkpoints',
                                       checkpoints.MODEL_CONFIG)))
   assert saved['model.crd_residual'] is True

@@ -30,11 +30,6 @@ def gradient_image(x: jax.Array) -> jax.Array:
   return jnp.concatenate(gradients(x), axis=-1)
 
 
-def guide_channels(kind: str, channels: int) -> int:
-  """Channels of `guide_image(x, kind)` for a C-channel x."""
-  return 1 if kind == 'grad_mag' else 2 * channels
-
-
 def gaussian_blur_image(x: jax.Array, sigma: float) -> jax.Array:
   """Separable Gaussian blur of [..., H, W, C] per channel, edge-padded.
   `sigma` (px) is static; <= 0 returns x."""

@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
-import json
 import os
 import platform
 import sys
@@ -55,12 +53,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rcae_jax import config_files
+from rcae_jax.common import fileio
 from rcae_jax.model import flops as flops_lib
 from rcae_jax.model import inference
 
-DEFAULT_CONFIG = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-        __file__)))), 'configs', 'cpu_real.py')
+DEFAULT_CONFIG = os.path.join(config_files.CONFIGS_DIR, 'cpu_real.py')
 FLOP_TOLERANCE = 0.01
 
 
@@ -751,15 +749,6 @@ def threads(device: str) -> dict:
   }
 
 
-def load_config(path: str):
-  """get_config() of a config file, loaded by path as --config does."""
-  spec = importlib.util.spec_from_file_location('torch_bench_config', path)
-  module = importlib.util.module_from_spec(spec)
-  sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def run(config, *, device: str = 'cpu', reps: int = 5, sizes=(128, 256),
         batches=(1, 16), stages=(1, 2, 3), json_path: str = '',
         log=print, stage1_depths=()) -> dict:
@@ -789,11 +778,7 @@ def run(config, *, device: str = 'cpu', reps: int = 5, sizes=(128, 256),
                       for k, v in report['cases'].items()}
   log(format_table(report))
   if json_path:
-    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    tmp = json_path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump(report, f, indent=1)
-    os.replace(tmp, json_path)
+    fileio.write_json_atomic(json_path, report)
   return report
 
 
@@ -841,7 +826,7 @@ def main(argv=None) -> int:
   if args.device == 'cpu':
     torch.set_num_threads(args.torch_threads or threads('cpu')[
         'cpu_cores_available'])
-  config = load_config(args.config)
+  config = config_files.load(args.config)
   if args.image_size:
     config.data.image_size = args.image_size
   run(config, device=args.device, reps=args.reps, sizes=_ints(args.sizes),
