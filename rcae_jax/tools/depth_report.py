@@ -31,10 +31,26 @@ def error_maps(params, images, *, nets, use_dpn: bool) -> dict:
   |I_D^n - I| ('det'); batch axis first for `loops.collect`."""
   x = inference.to_float(images)
   recs = inference.reconstructions(nets, params, x)
+  dets = inference.details(nets, params, recs, x, use_dpn) if use_dpn else None
+  return depth_error_maps(recs, dets, x)
+
+
+def depth_error_maps(recs, dets, x) -> dict:
+  """`error_maps` of reconstructions already computed (`dets` None without
+  DPN)."""
   out = {'rec': scoring.depth_errors(recs, x).swapaxes(0, 1)}
-  if use_dpn:
-    dets = inference.details(nets, params, recs, x, use_dpn)
+  if dets is not None:
     out['det'] = scoring.depth_errors(dets, x).swapaxes(0, 1)
+  return out
+
+
+def depth_ratios(rows: dict, masks: np.ndarray) -> dict:
+  """The per-depth summaries of `error_maps` rows collected over the test
+  set ('rec', and 'det' with DPN) against bool masks."""
+  out = {'defect_pixels': int(masks.sum()), 'pixels': int(masks.size),
+         'rcae': summarize(rows['rec'].swapaxes(0, 1), masks)}
+  if 'det' in rows:
+    out['dpn'] = summarize(rows['det'].swapaxes(0, 1), masks)
   return out
 
 
@@ -63,10 +79,7 @@ def make_report(params, loader, config) -> dict:
                      'good pixels')
   size = config.data.image_size  # S, or (H, W) as a list in the JSON.
   report = {'image_size': size if isinstance(size, int) else list(size),
-            'defect_pixels': int(masks.sum()), 'pixels': int(masks.size),
-            'rcae': summarize(rows['rec'].swapaxes(0, 1), masks)}
-  if use_dpn:
-    report['dpn'] = summarize(rows['det'].swapaxes(0, 1), masks)
+            **depth_ratios(rows, masks)}
   return report
 
 

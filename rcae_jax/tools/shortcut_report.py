@@ -37,7 +37,6 @@ from rcae_jax.common.errors import ConfigError
 from rcae_jax.data import folder
 from rcae_jax.evaluation import loops
 from rcae_jax.evaluation import maps as maps_lib
-from rcae_jax.evaluation import scoring
 from rcae_jax.model import inference
 from rcae_jax.tools import depth_report
 from rcae_jax.tools import fusion_report
@@ -85,9 +84,9 @@ def batch_maps(params, images, *, nets, config, use_dpn: bool) -> dict:
                                           config.eval.get('crd_sigma', 0.0))
          for name, d in crd_inputs(dets, x).items()}
   out['recursion'] = maps_lib.recursion_map(dets, x, config.eval)
-  out['rec_error'] = scoring.depth_errors(recs, x).swapaxes(0, 1)
-  if use_dpn:
-    out['det_error'] = scoring.depth_errors(dets, x).swapaxes(0, 1)
+  # depth_report's per-depth errors, from the same forward pass.
+  out.update(depth_report.depth_error_maps(recs, dets if use_dpn else None,
+                                           x))
   return out
 
 
@@ -121,12 +120,7 @@ def make_report(params, loader, config) -> dict:
   rows = {name: fusion_report.score(out[name], labels, masks, extents,
                                     config.eval) for name in ROWS}
   delta = deltas(rows)
-  ratios = {'defect_pixels': int(defects.sum()), 'pixels': int(defects.size),
-            'rcae': depth_report.summarize(out['rec_error'].swapaxes(0, 1),
-                                           defects)}
-  if use_dpn:
-    ratios['dpn'] = depth_report.summarize(out['det_error'].swapaxes(0, 1),
-                                           defects)
+  ratios = depth_report.depth_ratios(out, defects)
   size = config.data.image_size
   return {'category': loader.files.category,
           'num_test_images': int(len(labels)),
