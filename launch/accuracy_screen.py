@@ -11,7 +11,8 @@ row differs from the baseline row in its lever alone (docs/results.md,
 that) and re-scored by --config.mode=shortcut_report. Runs go in parallel
 (--jobs), each a `python -m rcae_jax.main` process; a summary of every row
 is rewritten to OUT/screen.json as rows finish, so an interrupted screen
-keeps what it had. --steps scales every stage's steps (a smoke test of
+keeps what it had. --seeds runs one such chain per seed (every lever
+forks each). --steps scales every stage's steps (a smoke test of
 the script: --steps 0.002).
 """
 
@@ -40,6 +41,7 @@ _RECIPE = config_files.load(os.path.join(config_files.CONFIGS_DIR,
 STEPS = {s: _RECIPE.train[f'stage{s}'].steps for s in (1, 2, 3)}
 # Stage-3 levers: forks of the end of stage 2.
 REALISTIC = '--config.anomalies.style=realistic'
+REGION = '--config.anomalies.realistic.label=region'
 RESIDUAL = '--config.model.crd_residual=True'
 DROPOUT = '--config.train.stage3.input_dropout=0.5'
 GRAD_MAG = '--config.model.dpn_guide=grad_mag'
@@ -52,6 +54,7 @@ STAGE3 = {
     'residual': [RESIDUAL],
     'residual_dropout': [RESIDUAL, DROPOUT],
     'realistic_residual': [REALISTIC, RESIDUAL],
+    'realistic_region': [REALISTIC, REGION],
 }
 # Stage-2 levers (DPN guide): forks of the end of stage 1, then stage 3 as
 # the baseline trains it, or with every stage-3 lever.
@@ -85,11 +88,11 @@ def run(cmd, log):
   return code, time.time() - t0
 
 
-def category_flags(args, name):
+def category_flags(args, name, seed):
   folder, category, augment = CATEGORIES[name]
   return [f'--config.data.root={os.path.join(args.data, folder)}',
           f'--config.data.category={category}',
-          f'--config.data.augment={augment}', f'--config.seed={args.seed}']
+          f'--config.data.augment={augment}', f'--config.seed={seed}']
 
 
 def steps_flags(args, s1, s2, s3):
@@ -120,11 +123,12 @@ def read_json(path):
     return None
 
 
-def train_fork(args, rows, name, lever, src, wd, flags):
-  log = os.path.join(args.out, 'logs', f'{name}_{lever}.log')
+def train_fork(args, rows, name, seed, lever, src, wd, flags):
+  log = os.path.join(args.out, 'logs', f'{name}_s{seed}_{lever}.log')
   fork(src, wd)
   code, secs = run(main_cmd(wd, flags), log)
-  row = {'category': name, 'lever': lever, 'flags': flags, 'exit': code,
+  row = {'category': name, 'seed': seed, 'lever': lever, 'flags': flags,
+         'exit': code,
          'train_eval_seconds': round(secs, 1),
          'metrics': read_json(os.path.join(wd, 'metrics.json'))}
   if code == 0:
@@ -139,7 +143,8 @@ def train_fork(args, rows, name, lever, src, wd, flags):
       fork(wd, ev)
       code3, secs3 = run(main_cmd(ev, flags + extra +
                                   ['--config.mode=evaluate']), log)
-      record(args, rows, {'category': name, 'lever': f'{lever}+{variant}',
+      record(args, rows, {'category': name, 'seed': seed,
+                          'lever': f'{lever}+{variant}',
                           'flags': flags + extra, 'exit': code3,
                           'eval_seconds': round(secs3, 1),
                           'metrics': read_json(os.path.join(
@@ -147,10 +152,10 @@ def train_fork(args, rows, name, lever, src, wd, flags):
   return row
 
 
-def screen_category(args, pool, rows, name):
-  base = category_flags(args, name)
-  wd = lambda tag: os.path.join(args.out, 'wd', f'{name}_{tag}')
-  log = os.path.join(args.out, 'logs', f'{name}_base.log')
+def screen_category(args, pool, rows, name, seed):
+  base = category_flags(args, name, seed)
+  wd = lambda tag: os.path.join(args.out, 'wd', f'{name}_s{seed}_{tag}')
+  log = os.path.join(args.out, 'logs', f'{name}_s{seed}_base.log')
   # Stage 1, then stage 2 on a copy of it: the forks' two starting points.
   for stage, src, steps in ((1, None, (STEPS[1], 0, 0)),
                             (2, wd('stage1'), (STEPS[1], STEPS[2], 0))):
@@ -159,18 +164,19 @@ def screen_category(args, pool, rows, name):
     flags = base + QUIET + steps_flags(args, *steps) + [
         '--config.eval.scoring=recursion']
     code, secs = run(main_cmd(wd(f'stage{stage}'), flags), log)
-    record(args, rows, {'category': name, 'lever': f'stage{stage}',
+    record(args, rows, {'category': name, 'seed': seed,
+                        'lever': f'stage{stage}',
                         'exit': code, 'train_eval_seconds': round(secs, 1),
                         'metrics': read_json(os.path.join(
                             wd(f'stage{stage}'), 'metrics.json'))})
     if code:
       return []
   full = base + QUIET + steps_flags(args, STEPS[1], STEPS[2], STEPS[3])
-  jobs = [pool.submit(train_fork, args, rows, name, lever, wd('stage2'),
-                      wd(lever), full + flags)
+  jobs = [pool.submit(train_fork, args, rows, name, seed, lever,
+                      wd('stage2'), wd(lever), full + flags)
           for lever, flags in STAGE3.items()]
-  jobs += [pool.submit(train_fork, args, rows, name, lever, wd('stage1'),
-                       wd(lever), full + flags)
+  jobs += [pool.submit(train_fork, args, rows, name, seed, lever,
+                       wd('stage1'), wd(lever), full + flags)
            for lever, flags in STAGE2.items()]
   return jobs
 
@@ -180,7 +186,8 @@ def main():
   parser.add_argument('--data', required=True)
   parser.add_argument('--out', required=True)
   parser.add_argument('--jobs', type=int, default=8)
-  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--seeds', default='0',
+                      help='comma-separated seeds: one baseline chain each')
   parser.add_argument('--steps', type=float, default=1.0)
   parser.add_argument('--categories', default=','.join(CATEGORIES))
   parser.add_argument('--levers', default='',
@@ -194,12 +201,14 @@ def main():
   os.makedirs(os.path.join(args.out, 'logs'), exist_ok=True)
   rows = []
   with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-    bases = [pool.submit(screen_category, args, pool, rows, name)
+    bases = [pool.submit(screen_category, args, pool, rows, name, int(seed))
+             for seed in args.seeds.split(',')
              for name in args.categories.split(',')]
     forks = [j for b in bases for j in b.result()]
     for j in forks:
       j.result()
-  print(json.dumps([{k: r.get(k) for k in ('category', 'lever', 'exit')}
+  print(json.dumps([{k: r.get(k) for k in ('category', 'seed', 'lever',
+                                            'exit')}
                     for r in rows]))
 
 

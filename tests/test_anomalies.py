@@ -248,14 +248,15 @@ def test_realistic_labels_only_visible_changes(c):
   assert mask.sum() > 0
 
 
+@pytest.mark.parametrize('label', ['pixel', 'region'])
 @pytest.mark.parametrize('fill', ['palette', 'warp'])
-def test_realistic_does_not_label_what_cannot_be_seen(fill):
+def test_realistic_does_not_label_what_cannot_be_seen(fill, label):
   """On a flat image a palette colour is the image's own and a warp moves
   nothing: nothing visible changes, so nothing may be labelled (the old
   noise-texture lever labelled its blobs regardless)."""
   flat = np.full((B, 32, 32, 3), 0.4, np.float32)
   cfg = _real(clean_fraction=0.0, fills=(fill,), fill_weights=(1.0,),
-              palette_jitter=0.0)
+              palette_jitter=0.0, label=label)
   out, mask = _run(cfg, flat)
   assert mask.sum() == 0
   np.testing.assert_array_equal(out, flat)
@@ -296,6 +297,24 @@ def test_realistic_areas_and_clean_fraction():
   cfg.realistic.clean_fraction = 0.0
   _, mask = _run(cfg, images)
   assert np.all(mask.mean(axis=(1, 2, 3)) > 0)
+
+
+def test_realistic_region_labels_are_whole_outlines():
+  """A rotated copy of a texture changes some pixels of the outline and
+  not others: 'pixel' labels that speckle, 'region' the whole blob of the
+  drawn area, a superset of it; outside the label the input is kept."""
+  images = _grey(n=16)
+  kw = dict(clean_fraction=0.0, shapes=('blob',), shape_weights=(1.0,),
+            fills=('self',), fill_weights=(1.0,), edge_sigma=0.0,
+            min_area=0.02, max_area=0.04)
+  _, pixel = _run(_real(label='pixel', **kw), images)
+  out, region = _run(_real(label='region', **kw), images)
+  m = region[..., 0] > 0.5
+  np.testing.assert_array_equal(out[~m], images[~m])
+  assert np.all(region >= pixel)
+  area = region.mean(axis=(1, 2, 3))
+  assert area.min() >= 0.02 * 0.9 - 1 / 1024 and area.max() <= 0.04 + 1 / 1024
+  assert region.sum() > 1.2 * pixel.sum()
 
 
 def test_realistic_scars_are_thin_and_at_any_angle():
@@ -340,4 +359,6 @@ def test_realistic_style_is_validated():
                                  shape_weights=(1.0, 1.0)))
   with pytest.raises(ValueError, match='max_area'):
     anomalies.check_config(_real(min_area=0.1, max_area=0.01))
+  with pytest.raises(ValueError, match='label'):
+    anomalies.check_config(_real(label='outline'))
   anomalies.check_config(_real())

@@ -34,7 +34,10 @@ local warp; opacity down to 0.2 and soft edges; grey on grey images; about
 half the samples clean.  Its mask contract is stricter: a pixel is labelled
 only where it changed by more than ``realistic.visible_change`` in some
 channel, and every pixel that changed less is reset to the input, so nothing
-invisible is labelled and nothing outside the mask differs.
+invisible is labelled and nothing outside the mask differs.  With
+``realistic.label='region'`` the label is instead the whole outline when the
+change averaged over it is visible (the sample is clean otherwise); pixels
+outside it are still reset to the input.
 """
 
 from __future__ import annotations
@@ -153,6 +156,12 @@ def default_config() -> ml_collections.ConfigDict:
   # by more than this (about 5 grey levels in 255); smaller changes are
   # reset to the input. "Do not label what cannot be seen."
   r.visible_change = 0.02
+  # What is labelled (ours). 'pixel': each pixel that changed visibly (on a
+  # texture, a self fill or a warp changes some pixels and not their
+  # neighbours, so the label is a speckle that follows the texture).
+  # 'region': the whole outline, if the change averaged over it is visible;
+  # else the sample is left clean. Real ground truth is drawn as regions.
+  r.label = 'pixel'
   return c
 
 
@@ -225,6 +234,9 @@ def _validate_realistic(r):
     raise ValueError('anomalies.realistic.min_opacity must lie in (0, 1]')
   if not 0.0 <= r.visible_change < 1.0:
     raise ValueError('anomalies.realistic.visible_change must lie in [0, 1)')
+  if r.label not in ('pixel', 'region'):
+    raise ValueError("anomalies.realistic.label must be 'pixel' or 'region', "
+                     f'got {r.label!r}')
   if (r.edge_sigma < 0 or r.scar_width < 0 or r.warp_max < 0 or
       r.palette_jitter < 0 or not 0.0 <= r.invert_prob <= 1.0 or
       not 0.0 < r.scale[0] <= r.scale[1] or
@@ -547,7 +559,7 @@ def noise_texture_one(key: jax.Array, image: jax.Array, source: jax.Array,
 # ---------------------------------------------------------------------------
 
 # Noise cells of the blob outlines and warps (fractions of the side); the
-# one nearest the defect's radius is used.
+# one nearest the defect's diameter is used.
 _REAL_OCTAVES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
 
 
@@ -616,9 +628,10 @@ def realistic_one(key: jax.Array, image: jax.Array, config
   along = (yy - cy) * jnp.sin(theta) + (xx - cx) * jnp.cos(theta)
   across = (yy - cy) * jnp.cos(theta) - (xx - cx) * jnp.sin(theta)
   radius = jnp.sqrt(area / jnp.pi)
-  # Noise cell nearest the radius (as a fraction of the side).
+  # Noise cell nearest the diameter (as a fraction of the side): a cell
+  # much smaller than the blob would break its outline into specks.
   octave = jnp.argmin(jnp.abs(jnp.log2(jnp.asarray(_REAL_OCTAVES)) -
-                              jnp.log2(radius / side)))
+                              jnp.log2(2 * radius / side)))
 
   outlines = []
   for shape in shapes:
@@ -626,7 +639,7 @@ def realistic_one(key: jax.Array, image: jax.Array, config
       # log of an elongated Gaussian bump plus noise: its top `area` pixels
       # form one irregular blob of exactly that area.
       d2 = (along / jnp.sqrt(aspect)) ** 2 + (across * jnp.sqrt(aspect)) ** 2
-      g = -d2 / (2 * radius ** 2) + lerp(0.5, 2.0) * _octave_noise(
+      g = -d2 / (2 * radius ** 2) + lerp(0.2, 0.8) * _octave_noise(
           k_blob, h, w, octave)
       k = jnp.clip(jnp.round(area).astype(jnp.int32), 1, h * w)
       outlines.append(g >= jnp.sort(g.ravel())[h * w - k])
@@ -694,9 +707,13 @@ def realistic_one(key: jax.Array, image: jax.Array, config
   out = jnp.where(grey, jnp.broadcast_to(out.mean(-1, keepdims=True),
                                          out.shape), out)
   clean = next(u) < r.clean_fraction
-  visible = jnp.max(jnp.abs(out - image), axis=-1) > max(
-      r.visible_change, CHANGE_EPS)
-  mask = visible & ~clean
+  change = jnp.max(jnp.abs(out - image), axis=-1)
+  if r.label == 'region':
+    seen = _region_mean(region, change[..., None])[0] > max(
+        r.visible_change, CHANGE_EPS)
+    mask = region & seen & ~clean
+  else:
+    mask = (change > max(r.visible_change, CHANGE_EPS)) & ~clean
   return (jnp.where(mask[..., None], out, image),
           mask[..., None].astype(jnp.float32))
 
