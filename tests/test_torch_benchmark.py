@@ -22,7 +22,8 @@ def _setup(make_config, **overrides):
 
 @pytest.mark.parametrize('overrides', [
     {}, {'model.crd_normalize': True, 'model.skips': False,
-         'model.num_res_blocks': 2, 'model.crd_steps': 1}])
+         'model.num_res_blocks': 2, 'model.crd_steps': 1,
+         'model.crd_residual': True}])
 def test_same_outputs_for_the_same_weights(make_config, overrides):
   """Reconstructions, detail-restored ones and the map of the torch twin
   equal the JAX model's (random heads: every path is live)."""

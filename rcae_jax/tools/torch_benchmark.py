@@ -324,20 +324,27 @@ def torch_lib() -> types.SimpleNamespace:
 
   class CRD(Named):
 
-    def __init__(self, width, normalize):
+    def __init__(self, width, normalize, residual):
       super().__init__()
-      self.normalize = normalize
-      self.unet = self.make('UNet', UNet(6, width, 4, 3))
+      self.normalize, self.residual = normalize, residual
+      self.unet = self.make('UNet', UNet(9 if residual else 6, width, 4, 3))
       self.fold = self.make('Conv', conv2d(8, 1, 1))
 
-    def forward(self, details, image):
-      """details [N, B, 3, H, W], image [B, 3, H, W] -> logits [B, 1, H, W]."""
+    def forward(self, details, image, keep_images=None):
+      """details [N, B, 3, H, W], image [B, 3, H, W] -> logits [B, 1, H, W];
+      keep_images [B] as in models.CRD (training only)."""
       if self.normalize:
         mean = image.mean(dim=(1, 2, 3), keepdim=True)
         std = image.std(dim=(1, 2, 3), keepdim=True, correction=0) + 1e-3
         details, image = (details - mean) / std, (image - mean) / std
       img = image.expand(details.shape[0], *image.shape)
-      x = torch.cat([details, img], 2).transpose(0, 1)  # [B, N, 6, H, W]
+      parts = [details, img]
+      if keep_images is not None:
+        keep = keep_images.reshape(1, -1, 1, 1, 1)
+        parts = [details * keep, img * keep]
+      if self.residual:
+        parts.append((details - img).abs())
+      x = torch.cat(parts, 2).transpose(0, 1)  # [B, N, 6 or 9, H, W]
       h = self.unet(x)
       return self.fold(torch.cat([h.mean(1), h.amax(1)], 1))
 
@@ -348,7 +355,8 @@ def torch_lib() -> types.SimpleNamespace:
       super().__init__()
       self.rcae = RcAE(model_cfg)
       self.dpn = DPN(model_cfg.dpn_width)
-      self.crd = CRD(model_cfg.crd_width, model_cfg.crd_normalize)
+      self.crd = CRD(model_cfg.crd_width, model_cfg.crd_normalize,
+                     model_cfg.get('crd_residual', False))
       self.crd_steps = models_crd_steps(model_cfg)
 
     def forward(self, x):
@@ -665,12 +673,16 @@ def training_cases(config, params, device: str, reps: int, stages, log,
           k, x, config.anomalies))(key, inference.to_float(images))
       xa_t, mask_t = to_nchw(x_anom).to(device), to_nchw(mask).to(device)
       use_dpn = inference.uses_dpn(config)
+      # Input dropout as the JAX step draws it (a Bernoulli per sample).
+      drop = config.train.stage3.get('input_dropout', 0.0)
+      keep_t = ((torch.rand(batch, device=device) >= drop).float()
+                if drop else None)
 
       def torch_call():
         with torch.no_grad():
           recs = tnets.rcae(xa_t)
           dets = tnets.dpn(recs, xa_t) if use_dpn else recs
-        pred = torch.sigmoid(tnets.crd(dets[tnets.crd_steps], xa_t))
+        pred = torch.sigmoid(tnets.crd(dets[tnets.crd_steps], xa_t, keep_t))
         torch_update(lib.l2_with_gradient(pred, mask_t))
     t0 = time.perf_counter()
     jax_step(0)
