@@ -19,12 +19,14 @@ ARGS = ['--config', os.path.join(REPO, 'configs', 'smoke.py'),
         # mesh are covered by test_sharding.py.
         '--config.train.stage1.steps=4', '--config.train.stage2.steps=0',
         '--config.train.stage3.steps=0', '--config.eval.scoring=recursion',
-        '--config.eval.pictures_per_type=0', '--config.eval.export_maps=False']
+        '--config.eval.pictures_per_type=0', '--config.eval.export_maps=False',
+        # Nor TensorBoard: no TensorFlow import (~5 CPU-s per process).
+        '--config.tensorboard=False']
 # ARGS as tests/conftest.py's tiny_config overrides, on two devices.
 SINGLE_OVERRIDES = {
     'train.stage1.steps': 4, 'train.stage2.steps': 0, 'train.stage3.steps': 0,
     'eval.scoring': 'recursion', 'eval.pictures_per_type': 0,
-    'eval.export_maps': False, 'mesh.num_devices': 2}
+    'eval.export_maps': False, 'tensorboard': False, 'mesh.num_devices': 2}
 
 
 def free_port():

@@ -36,10 +36,13 @@ from rcae_jax.training import train
 from rcae_jax.training import train_state
 
 STEPS = 8  # Stage 1 only: the smallest run that evaluates.
+# No TensorBoard: the subprocesses then never import TensorFlow (~5 CPU-s
+# each); what these tests check does not depend on it, except the full
+# disk, which TensorBoard's writer may meet first (that test turns it on).
 OVERRIDES = {'train.stage1.steps': STEPS, 'train.stage2.steps': 0,
              'train.stage3.steps': 0, 'eval.scoring': 'recursion',
              'train.checkpoint_every': 1, 'eval.export_maps': False,
-             'eval.pictures_per_type': 0}
+             'eval.pictures_per_type': 0, 'tensorboard': False}
 
 # rcae_jax.main with a pause before each training batch (tests/
 # delayed_main.py): a smoke stage is too fast to signal in its middle.
@@ -211,6 +214,9 @@ def test_sigkill_then_sigterm_then_resume_is_bit_identical(env, reference):
   straight = reference()
   assert checkpoints.training_complete(str(straight))
   assert_same_run(straight, workdir)
+  # config.tensorboard=False: no event files; the scalars still logged.
+  assert not (workdir / 'tensorboard').exists()
+  assert (workdir / 'scalars.jsonl').stat().st_size > 0
 
 
 def test_changed_model_is_refused_harmless_changes_are_not(env, reference,
@@ -680,7 +686,8 @@ def test_real_full_disk_stops_in_one_line_and_the_rerun_resumes(env,
   out = tmp_path / 'out'
   out.mkdir()
   args = [sys.executable, DELAYED_MAIN, '--config', env['config']]
-  args += [f'--config.{k}={v}' for k, v in OVERRIDES.items()]
+  args += [f'--config.{k}={v}'
+           for k, v in dict(OVERRIDES, tensorboard=True).items()]
   subprocess.run(
       ['unshare', '-m', '--propagation', 'private', 'bash', '-c',
        FULL_DISK_SCRIPT, 'full_disk', *args],

@@ -312,7 +312,8 @@ def test_tiled_run_from_the_command_line(make_config, tmp_path):
   flags = [f'--config.data.root={root}', '--config.data.category=wide',
            '--config.data.tile_size=32', '--config.data.tile_overlap=0.5',
            '--config.train.stage2.steps=0', '--config.train.stage3.steps=0',
-           '--config.eval.scoring=recursion', '--config.mesh.num_devices=1']
+           '--config.eval.scoring=recursion', '--config.mesh.num_devices=1',
+           '--config.tensorboard=False']  # No TensorFlow import: ~5 CPU-s.
   env = subprocess_env()
   result = subprocess.run(
       [sys.executable, '-m', 'rcae_jax.main', '--config',

@@ -112,6 +112,7 @@ def test_main_run_writes_metrics_checkpoint_and_resumes(trained):
   assert all(r['curve/wall_minutes'] > 0 for r in rows if 'curve/stage' in r)
   png = os.path.join(workdir, 'pictures', 'learning_curves.png')
   assert os.path.getsize(png) > 1000  # Drawn at the end of training.
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))  # The default.
   (category, metrics), = report.items()
   assert category == 'synthetic'
   # The reported numbers are those of the maps the run wrote and of the

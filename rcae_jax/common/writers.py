@@ -141,12 +141,14 @@ def _clu_writers():
     return None
 
 
-def create_writer(workdir: str, primary: bool = True) -> MultiWriter:
-  """Writers for this process; only the primary process writes files."""
+def create_writer(workdir: str, primary: bool = True,
+                  tensorboard: bool = True) -> MultiWriter:
+  """Writers for this process; only the primary process writes files.
+  `tensorboard` False (config.tensorboard): no clu, so no TensorFlow."""
   if not primary:
     return MultiWriter([])
   writers = [JsonlWriter(workdir)]
-  mw = _clu_writers()
+  mw = _clu_writers() if tensorboard else None
   if mw is None:
     writers.append(_PlainLoggingWriter())
   else:
@@ -180,8 +182,11 @@ class _PlainProgress:
 
 
 def progress_reporter(num_train_steps: int, writer, every_steps: int,
-                      prefix: str = ''):
-  """clu's ReportProgress when available, else a plain equivalent."""
+                      prefix: str = '', use_clu: bool = True):
+  """clu's ReportProgress when available (and `use_clu`), else a plain
+  equivalent."""
+  if not use_clu:
+    return _PlainProgress(num_train_steps, writer, every_steps, prefix)
   try:
     from clu import periodic_actions  # pylint: disable=g-import-not-at-top
     return periodic_actions.ReportProgress(

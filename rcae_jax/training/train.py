@@ -287,7 +287,8 @@ def train_and_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   model's checkpoints."""
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                   config.train.keep_checkpoints)
-  writer = writers.create_writer(workdir, jax.process_index() == 0)
+  writer = writers.create_writer(workdir, jax.process_index() == 0,
+                                 config.get('tensorboard', True))
   try:
     if ckpt.latest_step() is not None:  # Something to resume: same model?
       # Before compiling. A network not trained yet may change (forks).
@@ -409,7 +410,8 @@ def run_stage(config, stage, nets, state, start, progress, loader, writer,
   # ETA is to the end of this stage.
   report = writers.progress_reporter(
       progress['global_step'] - start + steps, writer,
-      every_steps=config.train.log_every, prefix=f'stage{stage}/')
+      every_steps=config.train.log_every, prefix=f'stage{stage}/',
+      use_clu=config.get('tensorboard', True))
   timer = preemption.SaveTimer(config.train.checkpoint_minutes)
   global_step = progress['global_step']
   health = nonfinite.healthy()
