@@ -46,15 +46,17 @@ def test_input_dropout_draws_per_sample():
 def test_crd_sigma_smooths_crds_map(make_config):
   config = make_config(**{'model.crd_residual': True})
   nets = inference.build_networks(config.model)
-  params = train.initial_params(nets, config)
-  # CRD's head starts at zero (a flat map): perturb it.
+  params = jax.device_get(train.initial_params(nets, config))
+  # CRD's head starts at zero (a flat map): perturb it. (In numpy and with
+  # the jitted predict: eager ops compile one tiny program each, ~400 here.)
+  rng = np.random.default_rng(0)
   params['crd'] = jax.tree.map(
-      lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(p.size),
-                                            p.shape), params['crd'])
-  images = jax.random.uniform(jax.random.PRNGKey(0), (2, 32, 32, 3))
-  raw = maps.predict(params, images, nets=nets, config=config)['map']
+      lambda p: p + 0.3 * rng.standard_normal(p.shape, np.float32),
+      params['crd'])
+  images = rng.integers(0, 256, (2, 32, 32, 3), np.uint8)
+  raw = maps.make_predict_fn(config, nets)(params, images)['map']
   config.eval.crd_sigma = 2.0
-  smooth = maps.predict(params, images, nets=nets, config=config)['map']
+  smooth = maps.make_predict_fn(config, nets)(params, images)['map']
   np.testing.assert_allclose(smooth, scoring.gaussian_blur(raw, 2.0),
                              atol=1e-6)
   assert float(jnp.abs(smooth - raw).max()) > 1e-3

@@ -1,5 +1,6 @@
 """mode=shortcut_report: CRD fed the real I_D^n, I, or flat grey."""
 
+import functools
 import json
 import os
 
@@ -76,15 +77,17 @@ def test_crd_rows_see_what_they_are_fed(trained):
   nets = inference.build_networks(config.model)
   images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3),
                                              np.uint8)
-  got = shortcut_report.batch_maps(params, images, nets=nets, config=config,
-                                   use_dpn=True)
+  # Jitted, as make_report runs it (eagerly its ops compile one by one).
+  got = jax.jit(functools.partial(shortcut_report.batch_maps, nets=nets,
+                                  config=config, use_dpn=True))(params, images)
   want = maps_lib.make_predict_fn(config)(params, images)
   np.testing.assert_allclose(got['crd_real'], want['map'], rtol=1e-5,
                              atol=1e-6)
   x = inference.to_float(images)
   dets = want['details']
   assert float(jnp.abs(dets - x[None]).max()) > 0.01
-  fed_x = maps_lib.crd_map(nets, params, jnp.broadcast_to(x, dets.shape), x)
+  fed_x = jax.jit(lambda p, x: maps_lib.crd_map(
+      nets, p, jnp.broadcast_to(x, dets.shape), x))(params, x)
   np.testing.assert_allclose(got['crd_input'], fed_x, rtol=1e-5, atol=1e-6)
   for name in ('crd_input', 'crd_grey'):
     assert float(np.abs(got[name] - got['crd_real']).max()) > 1e-4, name
