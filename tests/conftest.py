@@ -1,7 +1,6 @@
 """Test set-up: fake CPU devices, a private data cache, tiny configs."""
 
 import atexit
-import importlib.metadata
 import os
 import shutil
 import sys
@@ -16,14 +15,6 @@ import tempfile
 # flags less the fake devices (which JAX leaves out of its compilation-cache
 # key, so a subprocess loads what the tests compiled in-process).
 SUBPROCESS_XLA_FLAGS = '--xla_backend_optimization_level=0'
-# And XLA:CPU's previous (non-thunk) runtime: it compiles these programs
-# faster (measured: the session's trained workdir, 77.7 -> 62.9 CPU-seconds;
-# the same metrics to the last digit). The flag exists in the pinned jaxlib
-# (requirements.txt); an unknown flag would abort XLA, so it is only set
-# for the versions it was measured on.
-if tuple(int(p) for p in importlib.metadata.version('jaxlib').split('.')[:2]
-         ) <= (0, 10):
-  SUBPROCESS_XLA_FLAGS += ' --xla_cpu_use_thunk_runtime=false'
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
                       + SUBPROCESS_XLA_FLAGS)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
