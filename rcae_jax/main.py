@@ -18,6 +18,7 @@ Research tools (reports on a trained workdir, not needed to use the model):
   (separate command lines: python -m rcae_jax.tools.pipeline_benchmark --help,
    python -m rcae_jax.tools.scaling_benchmark --help,
    python -m rcae_jax.tools.torch_benchmark --help (the same network in PyTorch),
+   python -m rcae_jax.tools.step_timer --help (one stage's training step),
    python -m rcae_jax.evaluation.learning_curves DIR: redraw DIR's curves)
 
 A workdir remembers its config (DIR/config.json): on an existing workdir
@@ -48,6 +49,7 @@ from rcae_jax import run as run_lib
 from rcae_jax import validate
 from rcae_jax.common import checkpoints
 from rcae_jax.common import fileio
+from rcae_jax.common import host_memory
 from rcae_jax.common import workdir_lock
 from rcae_jax.data import folder
 
@@ -92,6 +94,10 @@ def main(argv):
   initialize_distributed()
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
+  if (jax.default_backend() == 'cpu'
+      and FLAGS.config.get('keep_freed_memory', True)):
+    logging.info('Host allocator: keeping freed memory (config.'
+                 'keep_freed_memory): %s', host_memory.keep_freed_memory())
   try:
     report = run_lib.run(FLAGS.config, FLAGS.workdir)
   except ONE_LINE_ERRORS as e:

@@ -197,6 +197,7 @@ def test_sigkill_then_sigterm_then_resume_is_bit_identical(env, reference):
   log = log_of(workdir)
   assert 'Preempted (SIGTERM): saved a checkpoint at stage 1 step' in log
   assert 'Traceback' not in log
+  assert 'keeping freed memory (config.keep_freed_memory): True' in log
   # The killed run's lock was taken over (its pid is gone); this one
   # released its own on the way out.
   assert 'Taking over the lock of workdir' in log
