@@ -55,6 +55,7 @@ import numpy as np
 
 from rcae_jax import config_files
 from rcae_jax.common import fileio
+from rcae_jax.common import host_memory
 from rcae_jax.model import flops as flops_lib
 from rcae_jax.model import inference
 
@@ -763,8 +764,9 @@ def threads(device: str) -> dict:
 
 def run(config, *, device: str = 'cpu', reps: int = 5, sizes=(128, 256),
         batches=(1, 16), stages=(1, 2, 3), json_path: str = '',
-        log=print, stage1_depths=()) -> dict:
-  """The whole comparison; returns (and writes to json_path) the report."""
+        log=print, stage1_depths=(), keep_freed_memory: bool = False) -> dict:
+  """The whole comparison; returns (and writes to json_path) the report.
+  `keep_freed_memory`: whether the caller tuned glibc (recorded only)."""
   lib = torch_lib()
   params = host_params(config, config.seed)
   same = check_same_network(config, params)
@@ -778,6 +780,7 @@ def run(config, *, device: str = 'cpu', reps: int = 5, sizes=(128, 256),
           'python': platform.python_version(), 'jax_backend':
           jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
           'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'keep_freed_memory': keep_freed_memory,
           'machine': platform.machine(), 'cpu_count': os.cpu_count()},
       'reps': reps, 'cases': {}, 'created_unix': time.time(),
       'ratio_note': 'torch median / JAX median: > 1 means JAX is faster',
@@ -829,7 +832,11 @@ def main(argv=None) -> int:
   parser.add_argument('--torch_threads', type=int, default=0,
                       help='torch intra-op threads (0: the cores available, '
                       'as XLA:CPU uses)')
+  parser.add_argument('--keep_freed_memory', action='store_true',
+                      help="glibc tuned as config.keep_freed_memory does "
+                      "(the whole process: both sides)")
   args = parser.parse_args(argv)
+  tuned = args.keep_freed_memory and host_memory.keep_freed_memory()
   torch = import_torch()
   jax.config.update('jax_platforms', 'cuda' if args.device == 'cuda'
                     else 'cpu')
@@ -843,7 +850,8 @@ def main(argv=None) -> int:
     config.data.image_size = args.image_size
   run(config, device=args.device, reps=args.reps, sizes=_ints(args.sizes),
       batches=_ints(args.batches), stages=_ints(args.stages),
-      json_path=args.json, stage1_depths=_ints(args.stage1_depths))
+      json_path=args.json, stage1_depths=_ints(args.stage1_depths),
+      keep_freed_memory=tuned)
   return 0
 
 
