@@ -94,8 +94,7 @@ def main(argv):
   initialize_distributed()
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
-  if (jax.default_backend() == 'cpu'
-      and FLAGS.config.get('keep_freed_memory', True)):
+  if jax.default_backend() == 'cpu' and FLAGS.config.keep_freed_memory:
     logging.info('Host allocator: keeping freed memory (config.'
                  'keep_freed_memory): %s', host_memory.keep_freed_memory())
   try:

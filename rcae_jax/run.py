@@ -211,7 +211,7 @@ def dispatch(config, workdir: str) -> dict:
   log_checksum(params)
   log_model_cost(config, params, workdir)
   writer = writers.create_writer(workdir, jax.process_index() == 0,
-                                 config.get('tensorboard', True))
+                                 config.tensorboard)
   # Eval scalars at the last training step, beside the training curves.
   last_step = sum(config.train[f'stage{s}'].steps for s in (1, 2, 3))
   report = evaluate.evaluate(params, loader, config, workdir, writer=writer,

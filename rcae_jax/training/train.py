@@ -288,7 +288,7 @@ def train_and_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                   config.train.keep_checkpoints)
   writer = writers.create_writer(workdir, jax.process_index() == 0,
-                                 config.get('tensorboard', True))
+                                 config.tensorboard)
   try:
     if ckpt.latest_step() is not None:  # Something to resume: same model?
       # Before compiling. A network not trained yet may change (forks).
@@ -411,7 +411,7 @@ def run_stage(config, stage, nets, state, start, progress, loader, writer,
   report = writers.progress_reporter(
       progress['global_step'] - start + steps, writer,
       every_steps=config.train.log_every, prefix=f'stage{stage}/',
-      use_clu=config.get('tensorboard', True))
+      use_clu=config.tensorboard)
   timer = preemption.SaveTimer(config.train.checkpoint_minutes)
   global_step = progress['global_step']
   health = nonfinite.healthy()
