@@ -62,6 +62,69 @@ finally:
 '''
 
 
+def pytest_addoption(parser):
+  parser.addoption(
+      '--compile-stats', default='', metavar='FILE',
+      help='append one tab-separated row per test to FILE: node id, wall s, '
+      'CPU s of this process, CPU s of its finished subprocesses, XLA '
+      'backend-compile s, number of compiles, tracing s, lowering s (from '
+      "jax.monitoring's events): where the suite's time goes")
+
+
+_COMPILE_EVENTS = ('/jax/core/compile/backend_compile_duration',
+                   '/jax/core/compile/jaxpr_trace_duration',
+                   '/jax/core/compile/jaxpr_to_mlir_module_duration')
+
+
+# Running totals of _COMPILE_EVENTS, {event: [seconds, count]}, once
+# --compile-stats has registered their listener.
+_COMPILE_TOTALS = {}
+
+
+def _cpu_seconds(who) -> float:
+  import resource  # pylint: disable=g-import-not-at-top
+  r = resource.getrusage(who)
+  return r.ru_utime + r.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  """With --compile-stats FILE: the test's row (pytest_addoption), its
+  fixtures' set-up included (a shared trained workdir counts where it is
+  built)."""
+  del nextitem
+  path = item.config.getoption('--compile-stats')
+  if not path:
+    yield
+    return
+  import resource  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  if not _COMPILE_TOTALS:
+    from jax import monitoring  # pylint: disable=g-import-not-at-top
+    _COMPILE_TOTALS.update({e: [0.0, 0] for e in _COMPILE_EVENTS})
+
+    def listener(event, duration, **_):
+      if event in _COMPILE_TOTALS:
+        _COMPILE_TOTALS[event][0] += duration
+        _COMPILE_TOTALS[event][1] += 1
+    monitoring.register_event_duration_secs_listener(listener)
+  before = {e: list(v) for e, v in _COMPILE_TOTALS.items()}
+  t0 = time.time()
+  c0 = _cpu_seconds(resource.RUSAGE_SELF)
+  k0 = _cpu_seconds(resource.RUSAGE_CHILDREN)
+  yield
+  (backend_s, compiles), (trace_s, _), (lower_s, _) = (
+      [_COMPILE_TOTALS[e][i] - before[e][i] for i in (0, 1)]
+      for e in _COMPILE_EVENTS)
+  row = [item.nodeid, time.time() - t0,
+         _cpu_seconds(resource.RUSAGE_SELF) - c0,
+         _cpu_seconds(resource.RUSAGE_CHILDREN) - k0, backend_s, compiles,
+         trace_s, lower_s]
+  with open(path, 'a', encoding='utf-8') as f:
+    f.write('\t'.join(f'{v:.2f}' if isinstance(v, float) else str(v)
+                      for v in row) + '\n')
+
+
 @pytest.fixture(scope='session', autouse=True)
 def _private_cache(tmp_path_factory):
   """The built-in category goes to a temp folder, never ~/.cache."""
