@@ -18,6 +18,8 @@ from rcae_jax.evaluation import metrics as metrics_lib
 from rcae_jax.evaluation import learning_curves
 from rcae_jax.model import inference
 from rcae_jax.serving import params as params_lib
+from rcae_jax.training import nonfinite
+from rcae_jax.training import sharding
 from rcae_jax.training import train
 from rcae_jax.training import train_state
 
@@ -30,14 +32,12 @@ def fixed_batch(seed=0, size=32, b=4):
   return {'image': (np.stack(imgs) * 255).astype(np.uint8)}
 
 
-def setup_stage(config, stage):
+def setup_stage(config, stage, mesh=None):
   nets = inference.build_networks(config.model)
   # As a run makes them: one program, shared through the compilation cache
   # by every test here (op by op, flax's init took ~10 s per test).
-  params = train.initial_params(nets, config)
-  state, frozen = train_state.split(
-      train_state.fresh_state(params, stage, config), stage)
-  step_fn = train.make_step(config, stage, nets)
+  state, frozen = train.create_state(config, stage, nets, mesh)
+  step_fn = train.make_step(config, stage, nets, mesh)
   return state, frozen, step_fn
 
 
@@ -62,12 +62,22 @@ def snapshot(tree):
 
 @pytest.mark.parametrize('stage', [2, 3])
 def test_earlier_stages_stay_frozen(make_config, stage):
+  """Steps taken as train.run_stage takes them (a one-device mesh, the
+  key made in the program, the health count fed back), so the programs
+  are the trained workdir's, from the compilation cache."""
   config = make_config()
-  state, frozen, step_fn = setup_stage(config, stage)
+  mesh = sharding.make_mesh(1)
+  state, frozen, step_fn = setup_stage(config, stage, mesh)
   before = snapshot(train_state.join(state, frozen, stage).params)
+  health = None
   for step in range(2):
-    state, _ = step_fn(state, frozen, fixed_batch(step),
-                       train.step_rng(0, stage, step), step)
+    state, m = step_fn(state, frozen,
+                       sharding.to_global(fixed_batch(step), mesh), None,
+                       step, health)
+    health = {k: m[k] for k in nonfinite.HEALTH_KEYS}
+  # One program for the stage: the first step's fresh health count has the
+  # type of the ones that follow (it once had not: two compiles a stage).
+  assert step_fn.jitted._cache_size() == 1  # pylint: disable=protected-access
   after = snapshot(train_state.join(state, frozen, stage).params)
   trained = train_state.STAGES[stage - 1]
   for name in train_state.STAGES:

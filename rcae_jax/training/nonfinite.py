@@ -54,13 +54,14 @@ def guard(step_fn):
   return guarded
 
 
-def check(health, config, stage: int, done: int, ckpt) -> dict:
+def check(health, config, stage: int, done: int, ckpt) -> dict | None:
   """Reads the non-finite count of the steps since the last check.
 
   Default: raises FloatingPointError, before anything past the bad step is
   saved, so the latest checkpoint is the last good state. With
   `config.train.skip_nonfinite`: those batches were skipped (the step kept
-  the parameters), so warn and go on. Returns the count to carry on with."""
+  the parameters), so warn and go on. Returns the count to carry on with
+  (None: a fresh one)."""
   h = jax.device_get(health)
   bad = int(h['nonfinite_steps'])
   if not bad:
@@ -80,4 +81,4 @@ def check(health, config, stage: int, done: int, ckpt) -> dict:
                   'loss or gradient (first at step %d, up to step %d); the '
                   'parameters were left unchanged by them.', stage, name,
                   bad, first, done)
-  return healthy()
+  return None  # A fresh count: train.make_step's step_fn makes it.

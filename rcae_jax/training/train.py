@@ -211,10 +211,16 @@ def make_step(config, stage: int, nets: inference.Networks, mesh=None
     """`rng` None: the step's key is made on the device from `step`."""
     depth = (stage1_depth(config.seed, step, config.model.depth)
              if stage == 1 else 0)
-    return jitted(state, frozen, batch, rng,
-                  nonfinite.healthy() if health is None else health,
-                  np.int32(step), depth)
+    if health is None:
+      # On the mesh, as the step's outputs are: a count made elsewhere has
+      # another type (no mesh in its sharding), and the next step, fed the
+      # outputs, would compile a second program (measured: every stage
+      # compiled its step twice; configs/cpu_real.py, 2 cores: ~26 s of
+      # tracing and compiling a run, 16 s of it stage 3's).
+      health = place(nonfinite.healthy(), mesh)
+    return jitted(state, frozen, batch, rng, health, np.int32(step), depth)
 
+  step_fn.jitted = jitted  # Its compiled programs: tests count them.
   return step_fn
 
 
@@ -414,7 +420,7 @@ def run_stage(config, stage, nets, state, start, progress, loader, writer,
       use_clu=config.tensorboard)
   timer = preemption.SaveTimer(config.train.checkpoint_minutes)
   global_step = progress['global_step']
-  health = nonfinite.healthy()
+  health = None  # A fresh count (step_fn).
   t0 = time.time()
   for step in range(start, steps):
     batch = sharding.to_global(next(batches), mesh)
