@@ -228,7 +228,7 @@ def surface_category(root, name, train_hws, test_hw, defects=()) -> str:
   return str(root)
 
 
-def brightness_predict_fn(config, nets=None, normalisers=None):
+def brightness_predict_fn(config, nets=None, normalisers=None, mesh=None):
   """A stand-in for maps.make_predict_fn whose map is each pixel's
   brightness: a perfect detector of the bright defects, so any
   misalignment, misplaced tile or counted padding shows in the metrics
@@ -236,7 +236,7 @@ def brightness_predict_fn(config, nets=None, normalisers=None):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from rcae_jax.data import geometry  # pylint: disable=g-import-not-at-top
   from rcae_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
-  del nets, normalisers
+  del nets, normalisers, mesh
 
   def fn(params, images, extents=None):
     del params

@@ -316,10 +316,10 @@ def test_image_smaller_than_two_to_the_depth_is_upsampled(tmp_path, caplog):
   assert decode.load_image(tiny, SIZE).shape == (SIZE, SIZE, 3)
 
 
-def fake_predict_fn(config, nets=None, normalisers=None):
+def fake_predict_fn(config, nets=None, normalisers=None, mesh=None):
   """The predict function's outputs without a model: evaluate() runs in
   full (metrics, thresholds, maps, pictures) with nothing to compile."""
-  del nets, normalisers
+  del nets, normalisers, mesh
 
   def predict(params, images):
     del params

@@ -204,9 +204,9 @@ def test_held_out_split_is_disjoint_deterministic_and_never_trained_on(
   assert seen == trained and not seen & held and len(held) == 3
 
 
-def fake_predict_fn(config, nets=None, normalisers=None):
+def fake_predict_fn(config, nets=None, normalisers=None, mesh=None):
   """map = the image's mean grey level: thresholds become known values."""
-  del config, nets, normalisers
+  del config, nets, normalisers, mesh
 
   def predict(params, images):
     del params

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from rcae_jax.evaluation import maps
 from rcae_jax.model import inference
-from rcae_jax.training import sharding
+from rcae_jax.common import sharding
 from rcae_jax.training import train
 
 
@@ -66,3 +67,35 @@ def test_scaling_benchmark_reports_each_device_count(tmp_path):
   assert report['rows'][0]['efficiency'] == 1.0
   assert all(r['images_per_sec'] > 0 for r in report['rows'])
   assert out.exists()
+
+
+@pytest.mark.parametrize('rows', [8, 6])
+def test_predict_split_over_the_mesh_maps_as_one_device(make_config, rows):
+  """Evaluation and predict split each batch over the mesh's devices
+  (maps.on_mesh): the same reconstructions, maps and scores as on one
+  device, also for a batch padded to a multiple of the devices (6 rows on
+  4), with the batch really split: each device gets its rows."""
+  config = make_config(**{'eval.scoring': 'recursion'})
+  nets = inference.build_networks(config.model)
+  params = jax.device_get(train.initial_params(nets, config))
+  images = np.random.default_rng(rows).integers(0, 256, (rows, 32, 32, 3),
+                                                np.uint8)
+  one = maps.make_predict_fn(config, nets)
+  mesh = sharding.make_mesh(4)
+  four = maps.make_predict_fn(config, nets, mesh=mesh)
+  placed = four.place(params)
+  assert all(len(x.sharding.device_set) == 4
+             for x in jax.tree.leaves(placed))
+  want = one(one.place(params), images)
+  got = four(placed, images)
+  assert got['recs'].shape == want['recs'].shape == (2, rows, 32, 32, 3)
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5)
+  assert float(np.std(want['map'])) > 0  # Not a flat map compared.
+  short = four.map_score(placed, images)
+  assert set(short) == set(maps.MAP_SCORE)
+  np.testing.assert_allclose(short['map'], want['map'], rtol=1e-5, atol=1e-5)
+  padded = np.zeros((8, 32, 32, 3), np.uint8)
+  compiled = four.map_score.program.lower(
+      rows, placed, sharding.split_rows(padded, mesh)).compile()
+  assert compiled.input_shardings[0][1].spec == P('data')

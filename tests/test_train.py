@@ -19,7 +19,7 @@ from rcae_jax.evaluation import learning_curves
 from rcae_jax.model import inference
 from rcae_jax.serving import params as params_lib
 from rcae_jax.training import nonfinite
-from rcae_jax.training import sharding
+from rcae_jax.common import sharding
 from rcae_jax.training import train
 from rcae_jax.training import train_state
 

@@ -1,4 +1,5 @@
 """What every part of the package leans on and that knows nothing of models:
 file access (local and gs://), atomic writes, metric writers, the workdir
-lock, the Orbax checkpoint store, ConfigError and the host allocator's
-tuning (host_memory). Imports no other subpackage."""
+lock, the Orbax checkpoint store, ConfigError, the host allocator's
+tuning (host_memory) and the device mesh (sharding: training and
+evaluation both split their batches over it). Imports no other subpackage."""

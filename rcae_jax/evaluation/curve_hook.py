@@ -8,6 +8,7 @@ import time
 
 import jax
 
+from rcae_jax.common import sharding
 from rcae_jax.evaluation import loops
 from rcae_jax.evaluation import maps as maps_lib
 from rcae_jax.evaluation import metrics as metrics_lib
@@ -47,7 +48,8 @@ def make_curve_hook(config, loader, minutes_before: float = 0.0):
   def hook(stage: int, global_step: int, params, writer) -> dict:
     cfg = curve_config(config, stage)
     if stage not in predict_fns:
-      predict_fns[stage] = maps_lib.make_predict_fn(cfg)
+      predict_fns[stage] = maps_lib.make_predict_fn(
+          cfg, mesh=sharding.make_mesh(cfg.mesh.num_devices))
     maps, scores, labels, masks, _ = loops.run_predictions(
         params, loader, cfg, 'test', predict_fns[stage])
     has_masks = loader.files.has_masks

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from rcae_jax.common import fileio
+from rcae_jax.common import sharding
 from rcae_jax.data import folder
 from rcae_jax.data import geometry
 from rcae_jax.evaluation import export_maps
@@ -41,7 +42,11 @@ def evaluate(params, loader, config, workdir: str, writer=None,
   # 'fused' scoring needs its normalisers (held-out good images) first.
   normalisers = thresholds_lib.fusion_normalisers(params, loader, config,
                                                   workdir)
-  predict_fn = maps_lib.make_predict_fn(config, normalisers=normalisers)
+  # Every batch split over the devices of the mesh.
+  predict_fn = maps_lib.make_predict_fn(
+      config, normalisers=normalisers,
+      mesh=sharding.make_mesh(config.mesh.num_devices))
+  params = maps_lib.place_params(predict_fn, params)
   if folder.good_only(loader.files):
     return thresholds_lib.thresholds_only(params, loader, config, workdir,
                                           predict_fn, extra)

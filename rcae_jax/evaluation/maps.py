@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from rcae_jax.common import sharding
 from rcae_jax.data import geometry
 from rcae_jax.evaluation import fusion
 from rcae_jax.evaluation import scoring
@@ -78,19 +79,65 @@ def predict(params, images, extents=None, *, nets: inference.Networks, config,
   return out if outputs is None else {k: out[k] for k in outputs}
 
 
+# The batch axis of each output: every depth's images lead the
+# reconstructions.
+BATCH_AXIS = {'recs': 1, 'details': 1, 'map': 0, 'score': 0}
+
+
 class PredictFn:
   """`predict` jitted: calling it runs the full program; `map_score` the
   map-and-score-only one, which evaluation and production run on every
-  batch (each compiles on its first call)."""
+  batch (each compiles on its first call). With a `mesh` of several
+  devices both split each batch over them (`on_mesh`); `place` puts the
+  parameters where the programs read them, once."""
 
-  def __init__(self, config, nets, normalisers=None):
+  def __init__(self, config, nets, normalisers=None, mesh=None):
     fn = functools.partial(predict, nets=nets, config=config,
                            normalisers=normalisers)
-    self._full = jax.jit(fn)
-    self.map_score = jax.jit(functools.partial(fn, outputs=MAP_SCORE))
+    self.mesh = mesh if mesh is not None and mesh.devices.size > 1 else None
+    wrap = jax.jit if self.mesh is None else functools.partial(
+        on_mesh, mesh=self.mesh)
+    self._full = wrap(fn)
+    self.map_score = wrap(functools.partial(fn, outputs=MAP_SCORE))
 
   def __call__(self, *args):
     return self._full(*args)
+
+  def place(self, params):
+    """`params` on the programs' devices: host arrays handed to a jitted
+    call are copied to the device again at every call."""
+    return (jax.device_put(params) if self.mesh is None
+            else sharding.replicate(params, self.mesh))
+
+
+def on_mesh(fn, mesh):
+  """fn(params, *batch) -> {name: array}, jitted, with every batch array
+  split on its rows over the devices of `mesh` (each device maps its
+  share) and the outputs gathered onto every device inside the program.
+  Each process passes the whole host batch (every process loads every
+  batch) and gets back its own device's copy of the outputs, unread, so
+  callers read them as they read a one-device result. Rows that do not
+  divide among the devices are padded with the first row, dropped again
+  inside the program."""
+  devices = mesh.devices.size
+
+  @functools.partial(jax.jit, static_argnums=0,
+                     out_shardings=sharding.replicated(mesh))
+  def program(rows, params, *batch):
+    return {k: jax.lax.slice_in_dim(v, 0, rows, axis=BATCH_AXIS[k])
+            for k, v in fn(params, *batch).items()}
+
+  def call(params, *batch):
+    batch = [np.asarray(b) for b in batch]
+    rows = len(batch[0])
+    pad = -rows % devices
+    batch = [np.concatenate([b, np.repeat(b[:1], pad, 0)]) for b in batch]
+    out = program(rows, sharding.replicate(params, mesh),
+                  *(sharding.split_rows(b, mesh) for b in batch))
+    return {k: v.addressable_data(0) for k, v in out.items()}
+
+  call.program = program  # Its compiled shardings: tests read them.
+  return call
 
 
 def map_score_fn(predict_fn):
@@ -99,11 +146,20 @@ def map_score_fn(predict_fn):
   return getattr(predict_fn, 'map_score', predict_fn)
 
 
-def make_predict_fn(config, nets=None, normalisers=None) -> PredictFn:
+def make_predict_fn(config, nets=None, normalisers=None,
+                    mesh=None) -> PredictFn:
   """`predict` of `config`, jitted; `normalisers` are closed over as
-  constants (eval.scoring='fused')."""
+  constants (eval.scoring='fused'); `mesh`: split each batch over its
+  devices (None: one device)."""
   nets = nets or inference.build_networks(config.model)
-  return PredictFn(config, nets, normalisers)
+  return PredictFn(config, nets, normalisers, mesh)
+
+
+def place_params(predict_fn, params):
+  """`params` placed for `predict_fn` (PredictFn.place); a stand-in
+  without `place` gets them on the default device."""
+  place = getattr(predict_fn, 'place', jax.device_put)
+  return place(params)
 
 
 def upsample(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

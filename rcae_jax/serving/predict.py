@@ -30,10 +30,10 @@ import logging
 import os
 import time
 
-import jax
 import numpy as np
 
 from rcae_jax.common import fileio
+from rcae_jax.common import sharding
 from rcae_jax.data import decode
 from rcae_jax.data import geometry
 from rcae_jax.data import tiling as tiling_lib
@@ -229,11 +229,15 @@ def score_all(config, workdir, todo, report, thresholds, out_dir,
   """Streams `todo` through the model, appending rows to `report` at most
   every `predict.flush_seconds` (and whatever is pending on the way out,
   also on an exception or Ctrl-C)."""
-  # On the device, once.
-  params = jax.device_put(params_lib.load_params(config, workdir))
+  # Every batch split over the devices of the mesh; the parameters placed
+  # there once.
+  full = maps_lib.make_predict_fn(
+      config, normalisers=normalisers,
+      mesh=sharding.make_mesh(config.mesh.num_devices))
+  params = maps_lib.place_params(full, params_lib.load_params(config,
+                                                               workdir))
   # Maps and scores only: no reconstructions copied back per batch.
-  predict_fn = maps_lib.map_score_fn(maps_lib.make_predict_fn(
-      config, normalisers=normalisers))
+  predict_fn = maps_lib.map_score_fn(full)
   start = last_flush = time.monotonic()
   pending, done, errors = [], 0, 0
   try:

@@ -24,7 +24,7 @@ import numpy as np
 
 from rcae_jax import config_files
 from rcae_jax.model import inference
-from rcae_jax.training import sharding
+from rcae_jax.common import sharding
 from rcae_jax.training import train
 
 # configs/default.py of this checkout (the repository root, beside the

@@ -52,7 +52,7 @@ from rcae_jax.model import losses
 from rcae_jax.training import anomalies
 from rcae_jax.training import nonfinite
 from rcae_jax.training import preemption
-from rcae_jax.training import sharding
+from rcae_jax.common import sharding
 from rcae_jax.training import train_state
 
 def random_crop(x: jax.Array, rng: jax.Array, size: int) -> jax.Array:

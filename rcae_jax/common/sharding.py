@@ -53,6 +53,14 @@ def to_global(batch: dict, mesh: Mesh) -> dict:
           for k, v in batch.items()}
 
 
+def split_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A host array that every process holds whole (each loaded the same
+  batch) as one array split on its rows over the mesh: each device takes
+  its own rows from it."""
+  return jax.make_array_from_callback(x.shape, batch_sharded(mesh),
+                                      lambda index: x[index])
+
+
 def replicate(tree, mesh: Mesh):
   """Every leaf as one array replicated over the mesh, on every process.
 
