@@ -57,5 +57,7 @@ def test_step_timer_reports_the_tuned_step():
                             '--stage', '1', '--steps', '2',
                             '--keep_freed_memory'])
   assert report['keep_freed_memory'] is True and report['stage'] == 1
-  assert 0 < report['min_s'] <= report['median_s']
-  assert report['minor_page_faults'] > 0
+  # Steps as the loop takes them compile one program; the first call
+  # holds the tracing and compiling, milliseconds-long steps do not.
+  assert report['programs'] == 1
+  assert report['first_call_s'] > 10 * report['median_s'] > 0
