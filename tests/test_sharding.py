@@ -17,15 +17,15 @@ def fixed_batch(b=4, size=32):
 
 
 def one_step(config, stage, mesh, batch):
-  """One training step as train.run_stage takes it (rng None: the key is
-  made inside the program from the step number), so that the single-device
-  program is the one the session's trained workdir compiled (same config,
-  same batch): it loads from the compilation cache."""
+  """One training step as train.run_stage takes it (a mesh, rng None: the
+  key is made inside the program from the step number), so that the
+  one-device program is the one the session's trained workdir and
+  test_train.py compile (same config, same batch): it loads from the
+  compilation cache."""
   nets = inference.build_networks(config.model)
   state, frozen = train.create_state(config, stage, nets, mesh)
   step_fn = train.make_step(config, stage, nets, mesh)
-  if mesh is not None:
-    batch = sharding.to_global(batch, mesh)
+  batch = sharding.to_global(batch, mesh)
   return step_fn(state, frozen, batch, None, 0), batch
 
 
@@ -34,7 +34,8 @@ def one_step(config, stage, mesh, batch):
 def test_sharded_step_equals_single_device_step(make_config, stage):
   assert jax.device_count() == 8, 'conftest sets 8 fake CPU devices'
   config = make_config()
-  (single, m1), _ = one_step(config, stage, None, fixed_batch())
+  (single, m1), _ = one_step(config, stage, sharding.make_mesh(1),
+                             fixed_batch())
   # The smoke batch of 4, one image per device.
   mesh = sharding.make_mesh(4)
   (sharded, m4), gbatch = one_step(config, stage, mesh, fixed_batch())
