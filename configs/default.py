@@ -18,7 +18,7 @@ need only --workdir and the fields they change, e.g.
 
 import ml_collections
 
-from rcae_jax.training import anomalies
+from rcae_jax.training import anomaly_config
 
 
 def _stage(steps: int, batch_size: int) -> ml_collections.ConfigDict:
@@ -263,8 +263,9 @@ def get_config() -> ml_collections.ConfigDict:
   # that a run which stopped renewing its lock is really gone.
   config.workdir_lock.take_over = False
 
-  # Pseudo-anomaly synthesis for stage 3 (see rcae_jax/training/anomalies.py).
-  config.anomalies = anomalies.default_config()
+  # Pseudo-anomaly synthesis for stage 3 (rcae_jax/training/anomalies.py;
+  # every field is explained in anomaly_config.py).
+  config.anomalies = anomaly_config.default_config()
 
   # ---------------------------------------------------------------- eval
   config.eval = ev = ml_collections.ConfigDict()

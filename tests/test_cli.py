@@ -45,6 +45,36 @@ def test_help_lists_the_modes_and_points_to_the_config_reference():
   assert '--config.mode=predict --config.predict.inputs=FOLDER' in text
 
 
+# rcae_jax.main run as `python -m` does, its exit caught: then whether JAX
+# was imported.
+IMPORTS_OF_A_FAILED_PARSE = """
+import runpy, sys
+sys.argv = ['rcae_jax.main'] + sys.argv[1:]
+try:
+  runpy.run_module('rcae_jax.main', run_name='__main__', alter_sys=True)
+except SystemExit as e:
+  print('exit:', e.code)
+print('jax imported:', 'jax' in sys.modules)
+"""
+
+
+@pytest.mark.parametrize('args', [
+    ('--help',),
+    ('--config', 'configs/smoke.py', '--config.modell.depth=3'),
+    ('--config', 'configs/no_such.py'),
+])
+def test_flag_mistakes_answer_before_jax_is_imported(tmp_path, args):
+  """main.py imports JAX and the package only once the flags are parsed,
+  and the config files import no JAX: --help and a mistake in the flags
+  answer in a fraction of a second."""
+  result = subprocess.run(
+      [sys.executable, '-c', IMPORTS_OF_A_FAILED_PARSE, *args,
+       '--workdir', str(tmp_path)], capture_output=True, text=True,
+      timeout=300, env=subprocess_env(), cwd=REPO)
+  assert 'exit:' in result.stdout, result.stderr[-3000:]
+  assert 'jax imported: False' in result.stdout, result.stdout
+
+
 def test_no_config_on_a_folder_that_does_not_exist(tmp_path):
   message = one_error(main('--workdir', str(tmp_path / 'nope'),
                            '--config.mode=predict',
