@@ -88,6 +88,12 @@ def initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from rcae_jax import validate  # pylint: disable=g-import-not-at-top
+  try:
+    # The config's own mistakes before JAX is imported (run() checks again).
+    validate.validate(FLAGS.config)
+  except validate.ConfigError as e:
+    fail(str(e))
   # pylint: disable=g-import-not-at-top
   import jax
   from rcae_jax import run as run_lib

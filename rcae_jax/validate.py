@@ -7,7 +7,7 @@ the field, not minutes later as a traceback from inside XLA or tf.data.
 from __future__ import annotations
 
 from rcae_jax.common import errors
-from rcae_jax.evaluation import scoring
+from rcae_jax.evaluation import scoring_checks
 
 
 MODES = ('train', 'evaluate', 'predict', 'export', 'benchmark',
@@ -182,7 +182,7 @@ def validate(config) -> None:
   if t.stage1.steps == 0 and config.mode == 'train':
     raise ConfigError('config.train.stage1.steps must be > 0: every later '
                       'stage builds on the recursive autoencoder')
-  scoring.check_scoring(config)
+  scoring_checks.check_scoring(config)
   if config.mode == 'predict' and not config.predict.inputs:
     raise ConfigError("config.mode='predict' needs config.predict.inputs (a "
                       'folder or comma-separated image files)')

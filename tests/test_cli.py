@@ -62,11 +62,13 @@ print('jax imported:', 'jax' in sys.modules)
     ('--help',),
     ('--config', 'configs/smoke.py', '--config.modell.depth=3'),
     ('--config', 'configs/no_such.py'),
+    ('--config', 'configs/smoke.py', '--config.model.recursion=sideways'),
 ])
 def test_flag_mistakes_answer_before_jax_is_imported(tmp_path, args):
-  """main.py imports JAX and the package only once the flags are parsed,
-  and the config files import no JAX: --help and a mistake in the flags
-  answer in a fraction of a second."""
+  """main.py imports JAX and the package only once the flags are parsed
+  and the config validated, and neither the config files nor validate.py
+  import JAX: --help, a mistake in the flags and most bad values answer in
+  a fraction of a second."""
   result = subprocess.run(
       [sys.executable, '-c', IMPORTS_OF_A_FAILED_PARSE, *args,
        '--workdir', str(tmp_path)], capture_output=True, text=True,

@@ -27,7 +27,7 @@ from rcae_jax.evaluation import maps as maps_lib
 from rcae_jax.evaluation import metrics as metrics_lib
 from rcae_jax.evaluation import pictures
 from rcae_jax.evaluation import report as report_lib
-from rcae_jax.evaluation import scoring
+from rcae_jax.evaluation import scoring_checks
 from rcae_jax.evaluation import thresholds as thresholds_lib
 
 
@@ -35,7 +35,7 @@ def evaluate(params, loader, config, workdir: str, writer=None,
              step: int = 0, extra=None) -> dict:
   """Scores the test set; writes metrics.json, results.md, thresholds.json,
   TIFF maps and pictures under `workdir`; returns the metrics report."""
-  scoring.check_scoring(config)
+  scoring_checks.check_scoring(config)
   t0 = time.time()
   # On the device once: every batch's jitted call reuses them.
   params = jax.device_put(params)

@@ -1,17 +1,14 @@
 """How maps and scores are made from a model's outputs, as one jnp
 implementation for every caller: the map smoothing, the image score (ours:
 the maximum of the map after `box` or `gaussian` smoothing of
-`eval.smoothing_size` px, or its mean), the recursion error map, and the
-config checks of the choice of map."""
+`eval.smoothing_size` px, or its mean) and the recursion error map. The
+config checks of the choice of map are in scoring_checks.py."""
 
 from __future__ import annotations
-
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from rcae_jax.common.errors import ConfigError
 
 
 def gaussian_kernel(sigma: float) -> np.ndarray:
@@ -96,21 +93,3 @@ def recursion_error_map(dets: jax.Array, x: jax.Array,
     return errors[-1]
   raise ValueError(f"eval.recursion_reduce must be 'mean', 'max' or 'last', "
                    f'got {reduce!r}')
-
-# Report modes that read CRD's map, and what they do with it.
-_NEEDS_CRD = {
-    'fusion_report': "compares CRD's map with the recursion map",
-    'shortcut_report': 're-scores CRD with its inputs replaced',
-}
-
-
-def check_scoring(config) -> None:
-  """CRD maps (alone or fused) need a trained CRD (stage 3)."""
-  scoring = config.eval.scoring
-  if scoring in ('crd', 'fused') and config.train.stage3.steps == 0:
-    raise ConfigError(f"config.eval.scoring='{scoring}' needs stage 3: set "
-                      "config.train.stage3.steps > 0 or "
-                      "config.eval.scoring='recursion'")
-  if config.mode in _NEEDS_CRD and config.train.stage3.steps == 0:
-    raise ConfigError(f"config.mode='{config.mode}' {_NEEDS_CRD[config.mode]} "
-                      'and needs stage 3: set config.train.stage3.steps > 0')

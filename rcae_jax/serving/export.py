@@ -48,9 +48,9 @@ def export_predict(params, config, path: str, *,
   """Writes the serialised inference function of `config` with `params`
   (and, for eval.scoring='fused', the `normalisers`) baked in to `path`
   (atomically); returns the `jax.export.Exported`."""
-  from rcae_jax.evaluation import scoring  # pylint: disable=g-import-not-at-top
+  from rcae_jax.evaluation import scoring_checks  # pylint: disable=g-import-not-at-top
   from rcae_jax.model import inference  # pylint: disable=g-import-not-at-top
-  scoring.check_scoring(config)
+  scoring_checks.check_scoring(config)
   size = int(config.data.image_size)
   nets = inference.build_networks(config.model)
   fn = functools.partial(predict_map_score, params, nets=nets, config=config,

@@ -47,7 +47,7 @@ import numpy as np
 from rcae_jax.common import fileio
 from rcae_jax.evaluation import fusion
 from rcae_jax.evaluation import maps as maps_lib
-from rcae_jax.evaluation import scoring
+from rcae_jax.evaluation import scoring_checks
 from rcae_jax.model import flops as flops_lib
 from rcae_jax.model import inference
 from rcae_jax.serving import params as params_lib
@@ -88,7 +88,7 @@ def check(config, bench) -> None:
       raise ValueError(f'config.benchmark.modes: {m!r} is not one of {MODES}')
   if bench.iters < 1 or bench.warmup < 0:
     raise ValueError('config.benchmark.iters must be >= 1 and warmup >= 0')
-  scoring.check_scoring(config)
+  scoring_checks.check_scoring(config)
 
 
 def _with(config, *, dtype: str, image_size: int):
