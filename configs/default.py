@@ -243,7 +243,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Optional cross-depth consistency loss weight in stage 1 (ours, off).
   train.consistency_weight = 0.0
 
-  # Devices for data parallelism (one `data` mesh axis over all hosts).
+  # Devices for data parallelism (one `data` mesh axis over all hosts):
+  # training, evaluation and predict split every batch over them.
   config.mesh = ml_collections.ConfigDict()
   # 0 = every device JAX sees; n = the first n (e.g. 1 to debug).
   config.mesh.num_devices = 0
