@@ -167,3 +167,28 @@ def test_shape_check_refuses_a_trained_network_without_model_config(
                                     'train.stage3.steps': 2})),
         workdir, loader=None)
   assert sorted(os.listdir(ckpt_dir)) == steps
+
+
+def test_inference_refuses_other_shapes_a_field_added_since_would_build(
+    make_config, stage2_workdir, tmp_path):
+  """A workdir trained before a model field existed has no value for it in
+  model_config.json, so that check lets any value pass; a config whose
+  value builds other shapes (configs/cpu_real.py's CRD reading the
+  residual, on a workdir trained before that field) must be refused by the
+  shapes, in one line, not fail in the forward pass."""
+  from rcae_jax.serving import params as params_lib  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'wd')
+  shutil.copytree(stage2_workdir, workdir)
+  path = os.path.join(workdir, 'checkpoints', checkpoints.MODEL_CONFIG)
+  with open(path, encoding='utf-8') as f:
+    saved = json.load(f)
+  del saved['model.crd_residual']  # As written before the field existed.
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(saved, f)
+  params = params_lib.load_params(make_config(**STAGE2), workdir)
+  assert set(params) == {'rcae', 'dpn', 'crd'}
+  with pytest.raises(validate.ConfigError, match='holds CRD of other '
+                     'parameter shapes') as e:
+    params_lib.load_params(make_config(**dict(
+        STAGE2, **{'model.crd_residual': True})), workdir)
+  assert 'Leave out --config' in str(e.value) and '\n' not in str(e.value)

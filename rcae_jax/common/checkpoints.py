@@ -345,6 +345,14 @@ def model_signature(config) -> dict:
   return json.loads(json.dumps(sig, default=str))
 
 
+def shapes(tree) -> dict:
+  """{path: shape} of a tree of arrays, ShapeDtypeStructs or Orbax array
+  metadata (all have .shape)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path): tuple(leaf.shape)
+          for path, leaf in leaves}
+
+
 def check_resume_compatible(config, ckpt_dir: str,
                             progress: Optional[dict] = None) -> None:
   """Refuses checkpoints of another model with one clear message

@@ -9,6 +9,7 @@ import os
 
 
 from rcae_jax.common import checkpoints
+from rcae_jax.common import errors
 from rcae_jax.model import inference
 
 
@@ -24,9 +25,34 @@ def load_params(config, workdir: str) -> dict:
                       read_only=True)
   # The parameters alone: inference neither reads the optimizer's state
   # nor needs optax to know its shape.
-  restored = ckpt.restore_latest(lambda _: {'params': params}, partial=True)
+  restored = ckpt.restore_latest(lambda _: {'params': params}, partial=True,
+                                 reconcile=same_shapes_or_refuse)
   ckpt.close()
   if restored is None:
     raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints: train '
                             'first (--config.mode=train)')
   return restored[1]['params']
+
+
+def same_shapes_or_refuse(progress, target, saved_shapes):
+  """Checkpoints.restore_latest's `reconcile` for inference: every
+  network's saved shapes must be the config's. model_config.json catches
+  a changed field, but not one added to the code since the workdir was
+  trained whose default in this config builds other shapes (e.g.
+  configs/cpu_real.py's CRD reading the residual): without this check
+  the restore succeeds and the first forward pass fails deep in Flax."""
+  saved = saved_shapes()
+  if saved is None:  # Unreadable: restore as before, Orbax decides.
+    return target
+  wrong = [name for name, tree in target['params'].items()
+           if name in saved['params'] and checkpoints.shapes(
+               saved['params'][name]) != checkpoints.shapes(tree)]
+  if wrong:
+    raise errors.ConfigError(
+        f'the checkpoint (stage {progress["stage"]} step '
+        f'{progress["stage_step"]}) holds {", ".join(n.upper() for n in wrong)}'
+        ' of other parameter shapes than the config builds: it was trained '
+        'with other model fields (a field added since may default otherwise '
+        'in this config). Leave out --config to use the workdir\'s own '
+        'config.json, or set the model fields it was trained with')
+  return target

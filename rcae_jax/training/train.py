@@ -349,14 +349,6 @@ def train_stages(config, loader, writer, ckpt, stop: preemption.StopRequest,
   return params
 
 
-def _shapes(tree) -> dict:
-  """{path: shape} of a tree of arrays, ShapeDtypeStructs or Orbax array
-  metadata (all have .shape)."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(path): tuple(leaf.shape)
-          for path, leaf in leaves}
-
-
 def reconcile_networks(progress: dict, target, saved_shapes, reinit: dict):
   """The restore target, adapted for forks (checkpoints.Checkpointer's
   `reconcile`): a network whose saved shapes differ from the config's
@@ -369,8 +361,8 @@ def reconcile_networks(progress: dict, target, saved_shapes, reinit: dict):
     return target
   saved = saved['params']
   for stage, name in enumerate(train_state.STAGES, start=1):
-    if name not in saved or _shapes(saved[name]) == _shapes(
-        target.params[name]):
+    if name not in saved or checkpoints.shapes(saved[name]) == (
+        checkpoints.shapes(target.params[name])):
       continue
     if stage == 1 or checkpoints.stage_begun(progress, stage):
       raise errors.ConfigError(
