@@ -183,9 +183,14 @@ def dispatch(config, workdir: str) -> dict:
   if config.mode == 'export':
     from rcae_jax.serving import export  # pylint: disable=g-import-not-at-top
     return export.run_export(config, workdir)
+  # A config that does not fit the checkpoints is refused before prepare()
+  # writes it over the workdir's config.json: leaving out --config then
+  # still finds the config the workdir was trained with.
+  params = (None if config.mode == 'train'
+            else params_lib.load_params(config, workdir))
   loader = prepare(config, workdir)
   if config.mode in REPORT_MODES:
-    return write_report(config, workdir, loader)
+    return write_report(config, workdir, loader, params)
   if config.mode == 'train':
     from rcae_jax.evaluation import learning_curves  # pylint: disable=g-import-not-at-top
     hook = None
@@ -204,7 +209,6 @@ def dispatch(config, workdir: str) -> dict:
       logging.warning('%s: training is not finished (no TRAINING_COMPLETE '
                       'marker); evaluating its latest checkpoint, and '
                       'metrics.json says training_complete=false', workdir)
-    params = params_lib.load_params(config, workdir)
   # Evaluation runs the same program on every process over the whole test
   # set, each on its own device, from a host copy of the replicated params.
   params = jax.device_get(params)
@@ -222,9 +226,9 @@ def dispatch(config, workdir: str) -> dict:
   return report
 
 
-def write_report(config, workdir: str, loader) -> dict:
-  """A REPORT_MODES mode: the trained workdir's test set summed up into
-  <workdir>/<mode>.json and a table on stdout."""
+def write_report(config, workdir: str, loader, params) -> dict:
+  """A REPORT_MODES mode: the trained workdir's test set (its restored
+  `params`) summed up into <workdir>/<mode>.json and a table on stdout."""
   if folder.good_only(loader.files):
     raise folder.DataError(
         f'{config.mode} needs test images with masks; '
@@ -239,8 +243,7 @@ def write_report(config, workdir: str, loader) -> dict:
     from rcae_jax.tools import shortcut_report as module
     module.require_stage3(workdir)
   # pylint: enable=g-import-not-at-top
-  params = jax.device_get(params_lib.load_params(config, workdir))
-  report = module.make_report(params, loader, config)
+  report = module.make_report(jax.device_get(params), loader, config)
   if jax.process_index() == 0:
     fileio.write_json_atomic(os.path.join(workdir, f'{config.mode}.json'),
                              report)

@@ -192,3 +192,13 @@ def test_inference_refuses_other_shapes_a_field_added_since_would_build(
     params_lib.load_params(make_config(**dict(
         STAGE2, **{'model.crd_residual': True})), workdir)
   assert 'Leave out --config' in str(e.value) and '\n' not in str(e.value)
+  # An evaluation with that config is refused before it writes its config
+  # over the workdir's, which leaving out --config reads.
+  config_json = os.path.join(workdir, 'config.json')
+  with open(config_json, 'rb') as f:
+    before = f.read()
+  with pytest.raises(validate.ConfigError, match='holds CRD'):
+    run_lib.run(make_config(**dict(STAGE2, **{
+        'model.crd_residual': True, 'mode': 'evaluate'})), workdir)
+  with open(config_json, 'rb') as f:
+    assert f.read() == before
