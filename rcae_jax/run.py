@@ -183,6 +183,9 @@ def dispatch(config, workdir: str) -> dict:
   if config.mode == 'export':
     from rcae_jax.serving import export  # pylint: disable=g-import-not-at-top
     return export.run_export(config, workdir)
+  if config.mode == 'shortcut_report':
+    from rcae_jax.tools import shortcut_report  # pylint: disable=g-import-not-at-top
+    shortcut_report.require_stage3(workdir)  # Before any parameter is read.
   # A config that does not fit the checkpoints is refused before prepare()
   # writes it over the workdir's config.json: leaving out --config then
   # still finds the config the workdir was trained with.
@@ -241,7 +244,6 @@ def write_report(config, workdir: str, loader, params) -> dict:
     from rcae_jax.tools import fusion_report as module
   else:
     from rcae_jax.tools import shortcut_report as module
-    module.require_stage3(workdir)
   # pylint: enable=g-import-not-at-top
   report = module.make_report(jax.device_get(params), loader, config)
   if jax.process_index() == 0:
