@@ -66,13 +66,14 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path,
       env=env_for(tmp_path, RCAE_JAX_COORDINATOR=f'127.0.0.1:{port}',
                   RCAE_JAX_NUM_PROCESSES='2', RCAE_JAX_PROCESS_ID=str(i)))
            for i in range(2)]
+  # The reference, in this process while they run (they wait on each
+  # other at every collective): the same config on two of the tests' fake
+  # devices, the same data.
+  config = tiny_config(**SINGLE_OVERRIDES)
+  one = run_lib.run(config, str(tmp_path / 'single'))['synthetic']
   logs = [p.communicate(timeout=600)[0] for p in procs]
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
-  # The reference, in this process: the same config on two of the tests'
-  # fake devices, the same data.
-  config = tiny_config(**SINGLE_OVERRIDES)
-  one = run_lib.run(config, str(tmp_path / 'single'))['synthetic']
   ref = run_lib.checksum(params_lib.load_params(config,
                                                  str(tmp_path / 'single')))
   sums = [checksums(log) for log in logs]
