@@ -18,6 +18,7 @@ from rcae_jax.common import checkpoints
 from rcae_jax.evaluation import maps
 from rcae_jax.evaluation import scoring
 from rcae_jax.model import inference
+from rcae_jax.serving import params as params_lib
 from rcae_jax.training import train
 
 from conftest import tiny_config  # pylint: disable=g-import-not-at-top
@@ -176,7 +177,6 @@ def test_inference_refuses_other_shapes_a_field_added_since_would_build(
   value builds other shapes (configs/cpu_real.py's CRD reading the
   residual, on a workdir trained before that field) must be refused by the
   shapes, in one line, not fail in the forward pass."""
-  from rcae_jax.serving import params as params_lib  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'wd')
   shutil.copytree(stage2_workdir, workdir)
   path = os.path.join(workdir, 'checkpoints', checkpoints.MODEL_CONFIG)

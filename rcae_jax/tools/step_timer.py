@@ -7,8 +7,9 @@
 Random uint8 images at the config's batch and size; the step is compiled
 and run twice before timing. Prints the median and fastest step, the
 first call (tracing and compiling included), the number of programs the
-stage compiled, and the process's minor page faults (the measure of docs/performance.md's profile:
-XLA:CPU's per-step buffers faulted in again). `taskset -c 0` for one core.
+stage compiled, and the process's minor page faults (the measure of
+docs/performance.md's profile: XLA:CPU's per-step buffers faulted in
+again). `taskset -c 0` for one core.
 """
 
 from __future__ import annotations
