@@ -345,12 +345,19 @@ def model_signature(config) -> dict:
   return json.loads(json.dumps(sig, default=str))
 
 
-def shapes(tree) -> dict:
+def _shapes(tree) -> dict:
   """{path: shape} of a tree of arrays, ShapeDtypeStructs or Orbax array
   metadata (all have .shape)."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {jax.tree_util.keystr(path): tuple(leaf.shape)
           for path, leaf in leaves}
+
+
+def networks_of_other_shapes(saved: dict, target: dict) -> list[str]:
+  """The networks ({name: parameters}) in both `saved` (a checkpoint's
+  shapes) and `target` whose parameter shapes differ."""
+  return [name for name, tree in target.items()
+          if name in saved and _shapes(saved[name]) != _shapes(tree)]
 
 
 def check_resume_compatible(config, ckpt_dir: str,

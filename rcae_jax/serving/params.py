@@ -44,9 +44,8 @@ def same_shapes_or_refuse(progress, target, saved_shapes):
   saved = saved_shapes()
   if saved is None:  # Unreadable: restore as before, Orbax decides.
     return target
-  wrong = [name for name, tree in target['params'].items()
-           if name in saved['params'] and checkpoints.shapes(
-               saved['params'][name]) != checkpoints.shapes(tree)]
+  wrong = checkpoints.networks_of_other_shapes(saved['params'],
+                                              target['params'])
   if wrong:
     raise errors.ConfigError(
         f'the checkpoint (stage {progress["stage"]} step '

@@ -45,6 +45,7 @@ import optax
 
 from rcae_jax.common import checkpoints
 from rcae_jax.common import errors
+from rcae_jax.common import sharding
 from rcae_jax.common import writers
 from rcae_jax.data import loader as loader_lib
 from rcae_jax.model import inference
@@ -52,7 +53,6 @@ from rcae_jax.model import losses
 from rcae_jax.training import anomalies
 from rcae_jax.training import nonfinite
 from rcae_jax.training import preemption
-from rcae_jax.common import sharding
 from rcae_jax.training import train_state
 
 def random_crop(x: jax.Array, rng: jax.Array, size: int) -> jax.Array:
@@ -360,9 +360,9 @@ def reconcile_networks(progress: dict, target, saved_shapes, reinit: dict):
   if saved is None:  # Unreadable: restore as before, Orbax decides.
     return target
   saved = saved['params']
+  other = checkpoints.networks_of_other_shapes(saved, target.params)
   for stage, name in enumerate(train_state.STAGES, start=1):
-    if name not in saved or checkpoints.shapes(saved[name]) == (
-        checkpoints.shapes(target.params[name])):
+    if name not in other:
       continue
     if stage == 1 or checkpoints.stage_begun(progress, stage):
       raise errors.ConfigError(
