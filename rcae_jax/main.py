@@ -48,7 +48,8 @@ from rcae_jax.common import fileio
 
 # JAX and the rest of the package are imported in main(), once the flags
 # are parsed: --help, a misspelt field or a missing config file then answer
-# in 0.13-0.19 s instead of ~1.7 s (measured on the 2-core CPU).
+# in 0.13-0.19 s instead of ~1.7 s (`time python -m rcae_jax.main --help`
+# and two bad flags, on the 2-core AMD EPYC, 2026-12-07).
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs, metrics '

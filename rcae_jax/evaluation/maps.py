@@ -131,7 +131,8 @@ def on_mesh(fn, mesh):
     batch = [np.asarray(b) for b in batch]
     rows = len(batch[0])
     pad = -rows % devices
-    batch = [np.concatenate([b, np.repeat(b[:1], pad, 0)]) for b in batch]
+    if pad:
+      batch = [np.concatenate([b, np.repeat(b[:1], pad, 0)]) for b in batch]
     out = program(rows, sharding.replicate(params, mesh),
                   *(sharding.split_rows(b, mesh) for b in batch))
     return {k: v.addressable_data(0) for k, v in out.items()}
