@@ -56,6 +56,28 @@ def test_stage1_loss_decreases_on_a_fixed_batch(make_config):
   assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
 
 
+def test_initial_params_are_memoised_as_new_arrays(make_config,
+                                                   monkeypatch):
+  """A second run in the process reuses the first's initial parameters
+  (no second init program), each call gets arrays of its own (the step
+  donates them), and another seed gets other values."""
+  config = make_config()
+  nets = inference.build_networks(config.model)
+  first = train.initial_params(nets, config)
+  expected = jax.device_get(first)
+  jax.tree.map(lambda a: a.delete(), first)  # As a donating step would.
+  monkeypatch.setattr(train, 'run_unoptimised',
+                      lambda *a: pytest.fail('initialised again'))
+  second = train.initial_params(nets, config)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(second),
+               expected)
+  monkeypatch.undo()
+  other = jax.device_get(train.initial_params(
+      nets, make_config(seed=config.seed + 1)))
+  assert any(not np.array_equal(a, b) for a, b in
+             zip(jax.tree.leaves(other), jax.tree.leaves(expected)))
+
+
 def snapshot(tree):
   return jax.tree.map(lambda x: np.array(x, copy=True), tree)
 
