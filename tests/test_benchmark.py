@@ -187,3 +187,18 @@ print('NO_TF_OK')
   assert 'p50_ms' in proc.stdout and 'bfloat16' in proc.stdout
   assert 'end_to_end' in proc.stdout
   assert not [p for p in os.listdir(tmp_path) if '.tmp' in p]
+
+
+def test_layout_probe_times_both_layouts_on_the_same_numbers(monkeypatch):
+  from rcae_jax.tools import layout_probe  # pylint: disable=g-import-not-at-top
+  rows = layout_probe.compare(batch=1, size=8, width=4, reps=1)
+  assert [r['case'] for r in rows] == ['forward', 'gradient']
+  for row in rows:
+    assert row['NHWC_ms'] > 0 and row['NCHW_ms'] > 0
+    assert row['NHWC_over_NCHW'] > 0
+  # A channels-first program that computes something else is refused
+  # before anything is timed (kernels read with their rows and columns
+  # swapped).
+  monkeypatch.setitem(layout_probe.LAYOUTS, 'NCHW', ('NCHW', 'OIWH', 'NCHW'))
+  with pytest.raises(AssertionError):
+    layout_probe.compare(batch=1, size=8, width=4, reps=1)
