@@ -1,3 +1,4 @@
 """Research and performance tools: latency, input-pipeline and scaling
-benchmarks, the depth and fusion reports. They may import anything; only
+benchmarks, probes of single levers (a stage's step, conv layouts), the
+depth, fusion and shortcut reports. They may import anything; only
 the mode dispatcher (run.py) imports them, lazily."""
