@@ -495,6 +495,21 @@ def disk_full_inside(monkeypatch, part: str):
   monkeypatch.setattr(abstract_path.Path, 'write_text', write_text)
 
 
+# After a save fails, Orbax (0.12, which runs a save's coroutines on event
+# loops of its own) sometimes schedules a callback on one of those loops
+# after closing it: asyncio's call_soon_threadsafe raises 'Event loop is
+# closed' where nobody can catch it, and Python reports it as unraisable.
+# Not our code, and harmless (the save has already failed and been
+# reported). Seen 2026-12-07 in 2 of
+# 4 runs of the suite and in both runs of this file alone, always on the
+# two tests below, whose saves fail in this process. (':' cannot appear in
+# a filter's message, hence the '.'s.)
+ORBAX_CLOSED_LOOP = pytest.mark.filterwarnings(
+    r'ignore:Exception ignored in. None[\s\S]*Event loop is closed'
+    ':pytest.PytestUnraisableExceptionWarning')
+
+
+@ORBAX_CLOSED_LOOP
 def test_checkpoint_save_on_a_full_disk_names_the_intact_one(
     tmp_path, monkeypatch):
   directory = str(tmp_path / 'ckpt')
@@ -532,6 +547,7 @@ def test_checkpoint_save_on_a_full_disk_names_the_intact_one(
 
 
 @pytest.mark.slow
+@ORBAX_CLOSED_LOOP
 def test_training_goes_on_past_a_damaged_checkpoint_stops_on_a_full_disk(
     env, reference, tmp_path, monkeypatch, caplog):
   """One resumed run meets both (one in-process training, one rerun, not
