@@ -19,6 +19,7 @@ from rcae_jax.evaluation import learning_curves
 from rcae_jax.model import inference
 from rcae_jax.serving import params as params_lib
 from rcae_jax.training import nonfinite
+from rcae_jax.common import programs
 from rcae_jax.common import sharding
 from rcae_jax.training import train
 from rcae_jax.training import train_state
@@ -32,12 +33,12 @@ def fixed_batch(seed=0, size=32, b=4):
   return {'image': (np.stack(imgs) * 255).astype(np.uint8)}
 
 
-def setup_stage(config, stage, mesh=None):
+def setup_stage(config, stage, mesh=None, reuse=True):
   nets = inference.build_networks(config.model)
   # As a run makes them: one program, shared through the compilation cache
   # by every test here (op by op, flax's init took ~10 s per test).
   state, frozen = train.create_state(config, stage, nets, mesh)
-  step_fn = train.make_step(config, stage, nets, mesh)
+  step_fn = train.make_step(config, stage, nets, mesh, reuse=reuse)
   return state, frozen, step_fn
 
 
@@ -89,7 +90,8 @@ def test_earlier_stages_stay_frozen(make_config, stage):
   are the trained workdir's, from the compilation cache."""
   config = make_config()
   mesh = sharding.make_mesh(1)
-  state, frozen, step_fn = setup_stage(config, stage, mesh)
+  # A fresh program (not one an earlier test stepped), to count its own.
+  state, frozen, step_fn = setup_stage(config, stage, mesh, reuse=False)
   before = snapshot(train_state.join(state, frozen, stage).params)
   health = None
   for step in range(2):
@@ -227,7 +229,8 @@ def test_resumed_learning_curve_carries_on_in_wall_time(make_config,
 
 
 def test_multi_category_run_skips_finished_and_writes_mean(make_config,
-                                                           tmp_path):
+                                                           tmp_path,
+                                                           monkeypatch):
   from rcae_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   config = make_config(**{'train.stage1.steps': 2, 'train.stage2.steps': 0,
                           'train.stage3.steps': 0,
@@ -244,7 +247,22 @@ def test_multi_category_run_skips_finished_and_writes_mean(make_config,
   config.data.root = str(root)
   config.data.categories = ('a', 'b')
   workdir = tmp_path / 'wd'
+  # The second category reuses the first's step and predict programs.
+  built = {'steps': 0, 'predict': 0}
+  monkeypatch.setattr(train, '_STEPS', programs.Memo(maxsize=16))
+  monkeypatch.setattr(maps_lib, '_PREDICT_FNS', programs.Memo(maxsize=16))
+  build_step, predict_cls = train._build_step, maps_lib.PredictFn  # pylint: disable=protected-access
+
+  def counted(name, fn):
+    def call(*args, **kwargs):
+      built[name] += 1
+      return fn(*args, **kwargs)
+    return call
+
+  monkeypatch.setattr(train, '_build_step', counted('steps', build_step))
+  monkeypatch.setattr(maps_lib, 'PredictFn', counted('predict', predict_cls))
   report = run_lib.run(config, str(workdir))
+  assert built == {'steps': 1, 'predict': 1}, built  # Stage 1 only.
   assert set(report) == {'a', 'b', 'mean'}
   mean = (report['a']['pixel_auroc'] + report['b']['pixel_auroc']) / 2
   assert abs(report['mean']['pixel_auroc'] - mean) < 1e-12

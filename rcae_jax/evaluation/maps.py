@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from rcae_jax.common import programs
 from rcae_jax.common import sharding
 from rcae_jax.data import geometry
 from rcae_jax.evaluation import fusion
@@ -147,13 +148,26 @@ def map_score_fn(predict_fn):
   return getattr(predict_fn, 'map_score', predict_fn)
 
 
+# Predict programs, once per process for their settings: a multi-category
+# run evaluates every category with the same one (common/programs.py).
+_PREDICT_FNS = programs.Memo(maxsize=16)
+# What `predict` reads of the config ('train': whether DPN is used).
+PREDICT_SECTIONS = ('model', 'eval', 'train')
+
+
 def make_predict_fn(config, nets=None, normalisers=None,
                     mesh=None) -> PredictFn:
   """`predict` of `config`, jitted; `normalisers` are closed over as
   constants (eval.scoring='fused'); `mesh`: split each batch over its
-  devices (None: one device)."""
+  devices (None: one device). The same PredictFn as an earlier call's with
+  the same networks, normalisers, mesh and PREDICT_SECTIONS of the
+  config."""
   nets = nets or inference.build_networks(config.model)
-  return PredictFn(config, nets, normalisers, mesh)
+  key = (nets, mesh, programs.config_key(config, *PREDICT_SECTIONS),
+         None if normalisers is None
+         else tuple(sorted((k, float(v)) for k, v in normalisers.items())))
+  return _PREDICT_FNS.get(
+      key, lambda: PredictFn(config, nets, normalisers, mesh))
 
 
 def place_params(predict_fn, params):

@@ -43,7 +43,8 @@ def time_steps(config, stage: int, steps: int) -> dict:
       0, 256, (train.stage_batch_size(config, stage), size, size, 3),
       np.uint8)}, mesh)
   state, frozen = train.create_state(config, stage, nets, mesh)
-  step_fn = train.make_step(config, stage, nets, mesh)
+  # A fresh program, so that `programs` counts this call's compiles only.
+  step_fn = train.make_step(config, stage, nets, mesh, reuse=False)
   times, health = [], None
   for _ in range(steps + 2):
     t0 = time.perf_counter()

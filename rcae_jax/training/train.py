@@ -45,6 +45,7 @@ import optax
 
 from rcae_jax.common import checkpoints
 from rcae_jax.common import errors
+from rcae_jax.common import programs
 from rcae_jax.common import sharding
 from rcae_jax.common import writers
 from rcae_jax.data import geometry
@@ -163,9 +164,19 @@ def stage3_step(state, frozen, batch, rng, *, nets, tx, use_dpn,
                  'anomalous_fraction': jnp.mean(mask)}
 
 
-def make_step(config, stage: int, nets: inference.Networks, mesh=None
-              ) -> Callable:
-  """The jitted train step of `stage` (1, 2, 3).
+# Each stage's step program, once per process for its settings (a
+# multi-category run trains the same steps for every category).
+_STEPS = programs.Memo(maxsize=16)
+# What a step program reads of the config (make_step below).
+STEP_SECTIONS = ('seed', 'model', 'train', 'anomalies')
+
+
+def make_step(config, stage: int, nets: inference.Networks, mesh=None,
+              reuse: bool = True) -> Callable:
+  """The jitted train step of `stage` (1, 2, 3); the same one as an earlier
+  call's with the same networks, mesh and STEP_SECTIONS of the config
+  (common/programs.py), unless `reuse` is False (a fresh program, e.g. to
+  count what it compiles).
 
   Called as step_fn(state, frozen, batch, rng, step, health=None), with
   (state, frozen) from train_state.split: `state` (donated) holds what the
@@ -174,6 +185,14 @@ def make_step(config, stage: int, nets: inference.Networks, mesh=None
   metrics' nonfinite.HEALTH_KEYS (None: a fresh count). With a `mesh`,
   everything but the batch is replicated and the batch is split on the
   `data` axis; XLA inserts the gradient all-reduce."""
+  if not reuse:
+    return _build_step(config, stage, nets, mesh)
+  key = (stage, nets, mesh, programs.config_key(config, *STEP_SECTIONS))
+  return _STEPS.get(key, lambda: _build_step(config, stage, nets, mesh))
+
+
+def _build_step(config, stage: int, nets: inference.Networks, mesh
+                ) -> Callable:
   stage_cfg = config.train[f'stage{stage}']
   tx = train_state.make_optimizer(stage_cfg)
   crop = config.train.crop_size
