@@ -49,14 +49,12 @@ class Memo:
       if key in self._items:
         self._items.move_to_end(key)
         return self._items[key]
-    made = make()  # Outside the lock: tracing happens on first call only,
-    with self._lock:  # but `make` may still take a moment.
+    # Outside the lock: a thread asking at the same time makes one too
+    # (harmless: the last one made is kept), and no caller waits on it.
+    made = make()
+    with self._lock:
       self._items[key] = made
       self._items.move_to_end(key)
       while len(self._items) > self.maxsize:
         self._items.popitem(last=False)
       return self._items[key]
-
-  def clear(self) -> None:
-    with self._lock:
-      self._items.clear()

@@ -28,7 +28,7 @@ import numpy as np
 LAYOUTS = {'NHWC': ('NHWC', 'HWIO', 'NHWC'), 'NCHW': ('NCHW', 'OIHW', 'NCHW')}
 
 
-def init_params(width: int, in_channels: int = 3, seed: int = 0) -> list:
+def encoder_kernels(width: int, in_channels: int = 3, seed: int = 0) -> list:
   """HWIO kernels of the encoder step: down, 2 x (conv, conv), out."""
   rng = np.random.default_rng(seed)
   shapes = [(2, 2, in_channels, width)] + [(3, 3, width, width)] * 4 + [
@@ -53,7 +53,7 @@ def encoder_step(params: list, x: jax.Array, layout: str) -> jax.Array:
   return conv(jax.nn.silu(h), params[5])
 
 
-def programs(layout: str):
+def jitted_pair(layout: str):
   """(forward, gradient) jitted for `layout`."""
   fwd = jax.jit(lambda p, x: encoder_step(p, x, layout))
   loss = lambda p, x: jnp.mean(encoder_step(p, x, layout) ** 2)
@@ -69,9 +69,9 @@ def to_layout(params: list, x: np.ndarray, layout: str):
 def compare(batch: int, size: int, width: int, reps: int) -> list[dict]:
   x = np.random.default_rng(1).uniform(0, 1, (batch, size, size, 3)).astype(
       np.float32)
-  params = init_params(width)
+  params = encoder_kernels(width)
   args = {lay: jax.device_put(to_layout(params, x, lay)) for lay in LAYOUTS}
-  progs = {lay: programs(lay) for lay in LAYOUTS}
+  progs = {lay: jitted_pair(lay) for lay in LAYOUTS}
   # Same numbers in both layouts (before timing anything).
   ref = np.asarray(progs['NHWC'][0](*args['NHWC']))
   other = np.asarray(progs['NCHW'][0](*args['NCHW'])).transpose(0, 2, 3, 1)
