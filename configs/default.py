@@ -172,6 +172,10 @@ def get_config() -> ml_collections.ConfigDict:
   # I_D^n ⊕ I, so that it reads the cross-depth residual directly. Changes
   # CRD's first layer: a fork resumed before stage 3 re-initialises CRD.
   model.crd_residual = False
+  # (ours) CRD's output head: 'groupnorm' (a per-image norm before the last
+  # conv, so the map is relative to each image) or 'plain' (no norm there:
+  # the map keeps the residual's absolute scale). Changes CRD's parameters.
+  model.crd_head = 'groupnorm'
   # (ours) DPN's guide I' made from the input: 'signed_diff' (per-channel
   # signed forward differences, 2C channels: the original; lossless up to
   # a constant, so DPN can integrate it back into I, defects included),
@@ -233,6 +237,10 @@ def get_config() -> ml_collections.ConfigDict:
   # CRD cannot find the pseudo-anomalies from the look of I alone. Training
   # only, never at test time. 0 = off.
   train.stage3.input_dropout = 0.0
+  # Stage 3's loss on CRD's map: 'l2' (the paper: L2 + gradient L2 on the
+  # sigmoid), 'focal' (ours: sigmoid focal loss, gamma 2) or 'bce_dice'
+  # (ours: cross-entropy + soft Dice), model/losses.py crd_loss.
+  train.stage3.loss = 'l2'
   # Also save every this many minutes (0 = off), and on SIGTERM always:
   # a preempted run loses at most this much work.
   train.checkpoint_minutes = 10.0

@@ -79,9 +79,12 @@ def check_thresholds(e) -> None:
 def check_levers(config) -> None:
   """DPN's guide, CRD's inputs and map, and the pseudo-anomalies."""
   from rcae_jax.model import losses  # pylint: disable=g-import-not-at-top
+  from rcae_jax.model import models  # pylint: disable=g-import-not-at-top
   from rcae_jax.training import anomalies  # pylint: disable=g-import-not-at-top
   m, e = config.model, config.eval
   _choice(m.dpn_guide, 'model.dpn_guide', losses.DPN_GUIDES)
+  _choice(m.crd_head, 'model.crd_head', models.CRD_HEADS)
+  _choice(config.train.stage3.loss, 'train.stage3.loss', losses.CRD_LOSSES)
   if m.dpn_guide == 'blurred_grad' and not m.dpn_guide_sigma > 0:
     raise ConfigError('config.model.dpn_guide_sigma must be > 0 with '
                       f"dpn_guide='blurred_grad', got {m.dpn_guide_sigma}")

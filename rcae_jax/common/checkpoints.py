@@ -310,7 +310,7 @@ RESUME_SAFE_FIELDS = ('model.scan_unroll', 'model.batch_decoding')
 NETWORK_FIELDS = {
     2: ('model.dpn_width', 'model.dpn_guide', 'model.dpn_guide_sigma'),
     3: ('model.crd_width', 'model.crd_normalize', 'model.crd_steps',
-        'model.crd_residual'),
+        'model.crd_residual', 'model.crd_head'),
 }
 
 

@@ -15,6 +15,11 @@ import jax
 import jax.numpy as jnp
 
 DPN_GUIDES = ('signed_diff', 'grad_mag', 'blurred_grad')
+# Stage 3's loss on CRD's logits (`train.stage3.loss`).
+CRD_LOSSES = ('l2', 'focal', 'bce_dice')
+# The focusing exponent of the focal loss (Lin et al., 2017; DRAEM trains
+# its segmentation network with the same value).
+FOCAL_GAMMA = 2.0
 
 
 def gradients(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -79,3 +84,36 @@ def l2_with_gradient(pred: jax.Array, target: jax.Array) -> jax.Array:
   tdy, tdx = gradients(target)
   return (jnp.mean(jnp.square(pred - target))
           + jnp.mean(jnp.square(pdy - tdy)) + jnp.mean(jnp.square(pdx - tdx)))
+
+
+def crd_loss(logits: jax.Array, mask: jax.Array, kind: str = 'l2'
+             ) -> jax.Array:
+  """Stage 3's loss of CRD's logits [B, H, W, 1] against the pseudo-anomaly
+  mask in [0, 1] (`train.stage3.loss`):
+  - 'l2' (the paper): L2(M_A, M_P) + L2(M_A', M_P') on the sigmoid map;
+  - 'focal' (ours): the sigmoid focal loss, gamma 2, mean over pixels. With
+    a few per cent positive pixels, an L2 on the sigmoid is minimised early
+    by a map that is low everywhere; focal down-weights the easy
+    negatives so the small positives keep their share of the gradient;
+  - 'bce_dice' (ours): binary cross-entropy plus a soft Dice loss over each
+    image's pixels (1 - Dice; an image without positives counts 0 there), a
+    term that is blind to how many negatives there are."""
+  if kind == 'l2':
+    return l2_with_gradient(jax.nn.sigmoid(logits), mask)
+  # Binary cross-entropy of the logits, stable for large |logits|.
+  bce = jax.nn.softplus(logits) - logits * mask
+  if kind == 'focal':
+    p = jax.nn.sigmoid(logits)
+    p_true = p * mask + (1 - p) * (1 - mask)
+    return jnp.mean(bce * (1 - p_true) ** FOCAL_GAMMA)
+  if kind == 'bce_dice':
+    p = jax.nn.sigmoid(logits)
+    axes = tuple(range(1, logits.ndim))
+    inter = jnp.sum(p * mask, axis=axes)
+    total = jnp.sum(p + mask, axis=axes)
+    has_positive = jnp.sum(mask, axis=axes) > 0
+    dice = jnp.where(has_positive, 1 - 2 * inter / jnp.maximum(total, 1e-6),
+                     0.0)
+    return jnp.mean(bce) + jnp.mean(dice)
+  raise ValueError(f'train.stage3.loss must be one of {CRD_LOSSES}, got '
+                   f'{kind!r}')

@@ -321,6 +321,11 @@ class UNet(nn.Module):
   out_channels: int
   levels: int = 4
   ndim: int = 2  # 2: [B,H,W,C]; 3: [B,D,H,W,C] with D the recursion index.
+  # GroupNorm before the output conv. It normalises per image (and per
+  # recursion step) over the whole map, so the output says what stands out
+  # within an image, never how large its input is: False keeps that scale
+  # (CRD's `head='plain'`).
+  head_norm: bool = True
   dtype: Dtype = jnp.float32
 
   def conv(self, features, kernel=3, strides=1, zero_init=False):
@@ -364,8 +369,9 @@ class UNet(nn.Module):
       h = self.conv(widths[i])(jnp.concatenate([h, skips[i]], axis=-1))
       h = self.block(h, widths[i])
     # Zero-initialised head: DPN starts as "no correction", CRD as 0.5.
-    return self.conv(self.out_channels, zero_init=True)(
-        nn.silu(self.norm(h)))
+    if self.head_norm:
+      h = self.norm(h)
+    return self.conv(self.out_channels, zero_init=True)(nn.silu(h))
 
 
 class DPN(nn.Module):
@@ -403,6 +409,11 @@ class CRD(nn.Module):
   # the cross-depth residual, which CRD should read, handed to it directly
   # beside the paper's I_D^n ⊕ I (which stays).
   residual: bool = False
+  # The U-Net's output head (ours, `model.crd_head`): 'groupnorm' (a norm
+  # with per-image statistics before the last conv: the map is relative to
+  # each image) or 'plain' (no norm there: the map keeps the residual's
+  # absolute scale, so a clean image can be uniformly low).
+  head: str = 'groupnorm'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -427,9 +438,13 @@ class CRD(nn.Module):
       parts.append(jnp.abs(details - img))
     x = jnp.concatenate(parts, axis=-1)   # [N,B,H,W,2C or 3C]
     x = jnp.moveaxis(x, 0, 1).astype(self.dtype)   # [B,N,H,W,2C]
-    h = UNet(self.width, 4, ndim=3, dtype=self.dtype)(x)
+    h = UNet(self.width, 4, ndim=3, head_norm=self.head == 'groupnorm',
+             dtype=self.dtype)(x)
     h = jnp.concatenate([h.mean(axis=1), h.max(axis=1)], axis=-1)
     return nn.Conv(1, (1, 1), dtype=jnp.float32)(h.astype(jnp.float32))
+
+
+CRD_HEADS = ('groupnorm', 'plain')
 
 
 def build_rcae(cfg) -> RcAE:
@@ -451,7 +466,7 @@ def build_dpn(cfg) -> DPN:
 
 def build_crd(cfg) -> CRD:
   return CRD(width=cfg.crd_width, normalize=cfg.crd_normalize,
-             residual=cfg.get('crd_residual', False),
+             residual=cfg.crd_residual, head=cfg.crd_head,
              dtype=jnp.dtype(cfg.dtype))
 
 

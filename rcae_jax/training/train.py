@@ -145,7 +145,7 @@ def input_keep(rng: jax.Array, batch: int, dropout: float):
 
 
 def stage3_step(state, frozen, batch, rng, *, nets, tx, use_dpn,
-                anomaly_cfg, crop_size=0, input_dropout=0.0):
+                anomaly_cfg, crop_size=0, input_dropout=0.0, loss='l2'):
   x = random_crop(inference.to_float(batch['image']), rng, crop_size)
   # Pseudo-anomalies are made here, on the device, inside the jitted step.
   x_anom, mask = anomalies.synthesize(rng, x, anomaly_cfg)
@@ -154,9 +154,9 @@ def stage3_step(state, frozen, batch, rng, *, nets, tx, use_dpn,
   keep = input_keep(rng, x.shape[0], input_dropout)
 
   def loss_fn(crd_params):
-    pred = jax.nn.sigmoid(inference.crd_logits(nets, {'crd': crd_params},
-                                               dets, x_anom, keep))
-    return losses.l2_with_gradient(pred, mask)
+    logits = inference.crd_logits(nets, {'crd': crd_params}, dets, x_anom,
+                                  keep)
+    return losses.crd_loss(logits, mask, loss)
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   state = _apply_grads(state, grads, tx)
@@ -206,7 +206,8 @@ def _build_step(config, stage: int, nets: inference.Networks, mesh
     fn = functools.partial(stage3_step, nets=nets, tx=tx,
                            use_dpn=inference.uses_dpn(config),
                            anomaly_cfg=config.anomalies, crop_size=crop,
-                           input_dropout=stage_cfg.get('input_dropout', 0.0))
+                           input_dropout=stage_cfg.input_dropout,
+                           loss=stage_cfg.loss)
   guarded = nonfinite.guard(fn)
 
   # Depth (stage 1) is a static positional argument: one program per depth.
