@@ -283,7 +283,11 @@ def get_config() -> ml_collections.ConfigDict:
   # 'fused' (ours; needs stage 3): CRD's map / its median + the recursion
   # map / its median, the medians over the held-out good images, computed
   # by evaluate into <workdir>/fusion_normalisers.json and read back by
-  # predict and export (rcae_jax/evaluation/fusion.py).
+  # predict and export (rcae_jax/evaluation/fusion.py); or 'auto' (ours;
+  # needs stage 3): whichever of the three best finds unseen-style
+  # pseudo-anomalies pasted into the held-out good images, chosen by
+  # evaluate into <workdir>/scoring_choice.json
+  # (rcae_jax/evaluation/scoring_choice.py).
   ev.scoring = 'crd'
   # Image score: 'max' of the map after smoothing with `smoothing`
   # ('box' or 'gaussian', `smoothing_size` pixels at the model size: scale

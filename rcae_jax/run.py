@@ -23,6 +23,7 @@ from rcae_jax.data import input_pipeline
 from rcae_jax.data import sources
 from rcae_jax.evaluation import evaluate
 from rcae_jax.evaluation import report as report_lib
+from rcae_jax.evaluation import scoring_choice
 from rcae_jax.evaluation import thresholds
 from rcae_jax.evaluation import curve_hook
 from rcae_jax.model import flops
@@ -177,6 +178,9 @@ def dispatch(config, workdir: str) -> dict:
   if config.mode == 'benchmark':
     from rcae_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
     return benchmark.run_benchmark(config, workdir)
+  if config.mode in ('predict', 'export') + REPORT_MODES:
+    # 'auto': the map that evaluation chose for this workdir.
+    config = scoring_choice.resolve(config, workdir)
   if config.mode == 'predict':
     from rcae_jax.serving import predict  # pylint: disable=g-import-not-at-top
     return predict.predict_files(config, workdir)
@@ -215,6 +219,9 @@ def dispatch(config, workdir: str) -> dict:
   # Evaluation runs the same program on every process over the whole test
   # set, each on its own device, from a host copy of the replicated params.
   params = jax.device_get(params)
+  if config.eval.scoring == 'auto':  # Chosen on held-out good images.
+    from rcae_jax.training import proxy_anomalies  # pylint: disable=g-import-not-at-top
+    config = proxy_anomalies.choose_scoring(params, loader, config, workdir)
   log_checksum(params)
   log_model_cost(config, params, workdir)
   writer = writers.create_writer(workdir, jax.process_index() == 0,

@@ -112,7 +112,11 @@ def validate(config) -> None:
   _choice(m.dtype, 'model.dtype', ('float32', 'bfloat16'))
   _choice(d.loader, 'data.loader', ('auto', 'tfdata', 'memory'))
   _choice(d.format, 'data.format', ('mvtec', 'visa'))
-  _choice(e.scoring, 'eval.scoring', ('crd', 'recursion', 'fused'))
+  _choice(e.scoring, 'eval.scoring', ('crd', 'recursion', 'fused', 'auto'))
+  if e.scoring == 'auto' and d.tile_size:
+    raise ConfigError("config.eval.scoring='auto' is not available for "
+                      'tiled runs (config.data.tile_size): choose '
+                      "'crd', 'recursion' or 'fused'")
   _choice(e.recursion_reduce, 'eval.recursion_reduce',
           ('mean', 'max', 'last'))
   _choice(e.image_score, 'eval.image_score', ('max', 'mean'))

@@ -20,13 +20,14 @@ CURVE_KEYS = ('image_auroc', 'pixel_auroc', 'au_pro')
 def curve_config(config, stage: int):
   """What a model trained up to `stage` can be scored with: the recursion
   map without DPN after stage 1, with DPN after stage 2, CRD after 3
-  (also when evaluation fuses the two)."""
+  (also when evaluation fuses the two or chooses)."""
   cfg = config.copy_and_resolve_references()
   if stage < 3:
     cfg.eval.scoring = 'recursion'
     cfg.train.stage3.steps = 0
-  elif cfg.eval.scoring == 'fused':
-    # Its normalisers are computed by the evaluation after training.
+  elif cfg.eval.scoring in ('fused', 'auto'):
+    # Their normalisers and choice are made by the evaluation after
+    # training.
     cfg.eval.scoring = 'crd'
   if stage < 2:
     cfg.train.stage2.steps = 0

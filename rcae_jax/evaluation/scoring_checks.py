@@ -16,7 +16,7 @@ _NEEDS_CRD = {
 def check_scoring(config) -> None:
   """CRD maps (alone or fused) need a trained CRD (stage 3)."""
   scoring = config.eval.scoring
-  if scoring in ('crd', 'fused') and config.train.stage3.steps == 0:
+  if scoring in ('crd', 'fused', 'auto') and config.train.stage3.steps == 0:
     raise ConfigError(f"config.eval.scoring='{scoring}' needs stage 3: set "
                       "config.train.stage3.steps > 0 or "
                       "config.eval.scoring='recursion'")
