@@ -23,7 +23,7 @@ def _open(path: str) -> Image.Image:
   return img
 
 
-def _to_rgb8(img: Image.Image) -> Image.Image:
+def to_rgb8(img: Image.Image) -> Image.Image:
   """Any mode (grey, RGBA, palette, 16-bit, float) to 8-bit RGB."""
   if img.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
     arr = np.asarray(img, dtype=np.float64)
@@ -41,7 +41,7 @@ def _hw(size) -> tuple[int, int]:
 def load_image(path: str, size) -> np.ndarray:
   """Decodes `path` to uint8 [H, W, 3] (bilinear, antialiased) for `size`
   S (H = W = S) or (H, W), or at its own resolution when size is None."""
-  img = _to_rgb8(_open(path))
+  img = to_rgb8(_open(path))
   if size is not None:
     h, w = _hw(size)
     if img.size != (w, h):

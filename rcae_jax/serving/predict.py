@@ -116,22 +116,38 @@ def tiled_maps(predict_fn, params, images, config
   return maps, [scoring.map_score(m, config.eval) for m in maps]
 
 
+def model_outputs(predict_fn, params, images, config
+                  ) -> tuple[np.ndarray, list, np.ndarray]:
+  """(maps, extents, scores) of uint8 images [H, W, 3] of any sizes, at
+  most eval.batch_size of them: each map at the model's size (tiled: the
+  stitched working-resolution map) with its valid region's extent, and
+  each image's score. The one scoring path of `predict` and of the Python
+  API (rcae_jax/api.py), so both give the same numbers."""
+  if config.data.tile_size:
+    maps, scores = tiled_maps(predict_fn, params, images, config)
+    return maps, [m.shape for m in maps], np.asarray(scores)
+  batch, extents = padded_batch(images, config.eval.batch_size,
+                                config.data.image_size, config.data.resize)
+  out = (predict_fn(params, batch) if config.data.resize == 'squash'
+         else predict_fn(params, batch, extents))
+  n = len(images)
+  return (np.asarray(out['map'])[:n], list(extents[:n]),
+          np.asarray(out['score'])[:n])
+
+
+def image_size_map(amap: np.ndarray, ext, hw) -> np.ndarray:
+  """A model-size map's valid region at its image's own size `hw`."""
+  return maps_lib.upsample(geometry.crop(amap, ext), hw)
+
+
 def score_chunk(predict_fn, params, chunk, decoded, config, thresholds,
                 out_dir: str) -> list[dict]:
   """Rows for one batch; writes each readable image's map and overlay."""
   ok = [j for j, (image, _) in enumerate(decoded) if image is not None]
   row_of = {j: k for k, j in enumerate(ok)}  # Chunk index -> batch row.
-  if ok and config.data.tile_size:
-    maps, scores = tiled_maps(predict_fn, params,
-                              [decoded[j][0] for j in ok], config)
-    extents = [m.shape for m in maps]  # All of each stitched map.
-  elif ok:
-    batch, extents = padded_batch([decoded[j][0] for j in ok],
-                                  config.eval.batch_size,
-                                  config.data.image_size, config.data.resize)
-    out = (predict_fn(params, batch) if config.data.resize == 'squash'
-           else predict_fn(params, batch, extents))
-    maps, scores = np.asarray(out['map']), np.asarray(out['score'])
+  if ok:
+    maps, extents, scores = model_outputs(
+        predict_fn, params, [decoded[j][0] for j in ok], config)
   rows = []
   for j, (x, (image, reason)) in enumerate(zip(chunk, decoded)):
     row = {'file': x.path, 'name': x.name, 'threshold': thresholds['image']}
@@ -144,8 +160,7 @@ def score_chunk(predict_fn, params, chunk, decoded, config, thresholds,
     # empty: high-volume lines keep the scores and decisions only.
     amap = map_path = overlay_path = None
     if config.predict.write_maps or config.predict.write_overlays:
-      amap = maps_lib.upsample(geometry.crop(maps[k], extents[k]),
-                               image.shape[:2])
+      amap = image_size_map(maps[k], extents[k], image.shape[:2])
     if config.predict.write_maps:
       map_path = os.path.join(out_dir, x.name + '.tiff')
       export_maps.write_tiff_atomic(map_path, amap)
@@ -156,8 +171,7 @@ def score_chunk(predict_fn, params, chunk, decoded, config, thresholds,
           threshold=thresholds['pixel']))
     score = float(scores[k])
     rows.append(dict(row, score=score,
-                     decision='DEFECT' if score >= thresholds['image']
-                     else 'OK',
+                     decision=decision(score, thresholds['image']),
                      height=image.shape[0], width=image.shape[1],
                      map=map_path, overlay=overlay_path))
   return rows
@@ -224,20 +238,29 @@ def predict_files(config, workdir: str) -> dict:
   return {'predictions': rows, 'summary': summary, 'message': message}
 
 
-def score_all(config, workdir, todo, report, thresholds, out_dir,
-              normalisers=None) -> None:
-  """Streams `todo` through the model, appending rows to `report` at most
-  every `predict.flush_seconds` (and whatever is pending on the way out,
-  also on an exception or Ctrl-C)."""
-  # Every batch split over the devices of the mesh; the parameters placed
-  # there once.
+def load_scorer(config, workdir: str, normalisers=None):
+  """(predict_fn, params): the workdir's latest parameters placed once on
+  the devices of `config.mesh`, and the jitted maps-and-scores program
+  that `model_outputs` runs (no reconstructions copied back per batch)."""
   full = maps_lib.make_predict_fn(
       config, normalisers=normalisers,
       mesh=sharding.make_mesh(config.mesh.num_devices))
   params = maps_lib.place_params(full, params_lib.load_params(config,
                                                                workdir))
-  # Maps and scores only: no reconstructions copied back per batch.
-  predict_fn = maps_lib.map_score_fn(full)
+  return maps_lib.map_score_fn(full), params
+
+
+def decision(score: float, threshold: float) -> str:
+  """'DEFECT' at or above the image threshold, else 'OK'."""
+  return 'DEFECT' if score >= threshold else 'OK'
+
+
+def score_all(config, workdir, todo, report, thresholds, out_dir,
+              normalisers=None) -> None:
+  """Streams `todo` through the model, appending rows to `report` at most
+  every `predict.flush_seconds` (and whatever is pending on the way out,
+  also on an exception or Ctrl-C)."""
+  predict_fn, params = load_scorer(config, workdir, normalisers)
   start = last_flush = time.monotonic()
   pending, done, errors = [], 0, 0
   try:
