@@ -15,7 +15,7 @@ read and nothing is trained; TensorFlow is not needed.
 
 Hardware: one GPU / TPU (runs on CPU too, slowly). Analytic cost
 (rcae_jax/model/flops.py): 627.5 GFLOP per 256^2 image. Measured on one
-H200 (2026-12-04, `launch/gpu_benchmark.sh docs/h200`, which trims this
+H200 (2026-12-04, `launch/gpu_benchmark.sh docs/data/h200`, which trims this
 sweep to 256^2 at batches 1 and 16): 7.27 ms at batch 1 and 338 images/s at
 batch 16 in bfloat16 (docs/performance.md, "One H200"). The default sweep compiles 16 programs (2 sizes x
 2 dtypes x 4 batch sizes). Memory: XLA:CPU's memory analysis of the

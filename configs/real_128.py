@@ -1,7 +1,7 @@
 """The full method on a real category at 128 px, sized for a CPU or one GPU.
 
 This is the setting of the "full method, CRD width 8 and 600 stage-3 steps"
-row of docs/results.md: configs/default.py at 128 px with CRD twice as wide
+row of docs/studies/2026-11-29-ablation-128px.md: configs/default.py at 128 px with CRD twice as wide
 and trained twice as long. At the default's width 4 and 300 steps CRD could
 not use the evidence it is given and the full method lost to the plain
 autoencoder on some metrics; with this setting it beats it in image and
@@ -17,8 +17,8 @@ Command (from the repository root; any MVTec-layout category):
 --config.data.category=kolektorsdd`.)
 
 Hardware and expected result, measured on the 2-core AMD EPYC CPU dev
-machine, 2026-11-29, seed 0 (docs/results.md has the commands and the
-ablation around it), image / pixel AUROC (AU-PRO):
+machine, 2026-11-29, seed 0 (that study has the commands and the ablation
+around it), image / pixel AUROC (AU-PRO):
 - VisA capsules:  0.591 / 0.911 (0.628), 38 min wall time;
 - KolektorSDD:    0.690 / 0.816 (0.440), 41 min wall time;
 against the plain N = 1 autoencoder at the same training length,

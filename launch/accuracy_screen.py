@@ -6,8 +6,8 @@ DATA_ROOT holds MVTec-layout categories (see CATEGORIES). For each
 category it trains the recipe (configs/cpu_real.py) through stage 1, then
 stage 2, then forks: each stage-3 lever resumes a copy of the workdir at
 the end of stage 2, each DPN-guide lever a copy at the end of stage 1, so a
-row differs from the baseline row in its lever alone (docs/results.md,
-"Accuracy, round two"). Every finished fork is evaluated (train mode does
+row differs from the baseline row in its lever alone (docs/studies/
+2026-12-04-accuracy-round-two.md). Every finished fork is evaluated (train mode does
 that) and re-scored by --config.mode=shortcut_report. Runs go in parallel
 (--jobs), each a `python -m rcae_jax.main` process; a summary of every row
 is rewritten to OUT/screen.json as rows finish, so an interrupted screen

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from rcae_jax.evaluation import thresholds
 from rcae_jax.evaluation import curve_hook
 from rcae_jax.model import flops
 from rcae_jax.serving import params as params_lib
+from rcae_jax.training import loop
 from rcae_jax.training import train
 
 
@@ -69,7 +71,7 @@ def epochs_to_steps(config, num_examples: int) -> dict:
   converted = {}
   for s in (1, 2, 3):
     stage = config.train[f'stage{s}']
-    if stage.get('epochs', 0) > 0:
+    if stage.epochs > 0:
       batch = train.stage_batch_size(config, s)
       steps = math.ceil(stage.epochs * num_examples / batch)
       stage.steps = steps
@@ -164,7 +166,9 @@ def run(config, workdir: str) -> dict:
 
   Modes that write into the workdir hold its lock throughout
   (workdir_lock.py): a second run on the same workdir refuses at once."""
-  validate.validate(config)  # Before anything is read or compiled.
+  # Before anything is read or compiled. The mode's names are MODES'.
+  validate.choice(config.mode, 'mode', tuple(MODES))
+  validate.validate(config)
   if not (config.data.categories and config.mode in ('train', 'evaluate')):
     check_workdir(config, workdir)
   fileio.makedirs(workdir)
@@ -175,53 +179,52 @@ def run(config, workdir: str) -> dict:
 def dispatch(config, workdir: str) -> dict:
   if config.data.categories and config.mode in ('train', 'evaluate'):
     return run_categories(config, workdir)
-  if config.mode == 'benchmark':
-    from rcae_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
-    return benchmark.run_benchmark(config, workdir)
-  if config.mode in ('predict', 'export') + REPORT_MODES:
-    # 'auto': the map that evaluation chose for this workdir.
-    config = scoring_choice.resolve(config, workdir)
-  if config.mode == 'predict':
-    from rcae_jax.serving import predict  # pylint: disable=g-import-not-at-top
-    return predict.predict_files(config, workdir)
-  if config.mode == 'export':
-    from rcae_jax.serving import export  # pylint: disable=g-import-not-at-top
-    return export.run_export(config, workdir)
-  if config.mode == 'shortcut_report':
-    from rcae_jax.tools import shortcut_report  # pylint: disable=g-import-not-at-top
-    shortcut_report.require_stage3(workdir)  # Before any parameter is read.
+  return MODES[config.mode](config, workdir)
+
+
+def train_mode(config, workdir: str) -> dict:
+  """Trains (or resumes) every stage, then evaluates."""
+  from rcae_jax.evaluation import learning_curves  # pylint: disable=g-import-not-at-top
+  loader = prepare(config, workdir)
+  hook = None
+  # A good-only category has no test set to draw curves from (evaluate
+  # says so once, when it skips the test metrics). A resumed run's
+  # wall-time axis carries on from its last point.
+  if config.eval.every_steps and not folder.good_only(loader.files):
+    hook = curve_hook.make_curve_hook(
+        config, loader, learning_curves.last_wall_minutes(workdir))
+  params = loop.train_and_checkpoint(config, workdir, loader, hook)
+  if hook is not None and jax.process_index() == 0:
+    logging.info('Learning curves: %s', learning_curves.write(
+        workdir, title=loader.files.category))
+  return evaluate_params(config, workdir, loader, params)
+
+
+def evaluate_mode(config, workdir: str) -> dict:
+  """Evaluates the workdir's latest checkpoint."""
   # A config that does not fit the checkpoints is refused before prepare()
   # writes it over the workdir's config.json: leaving out --config then
   # still finds the config the workdir was trained with.
-  params = (None if config.mode == 'train'
-            else params_lib.load_params(config, workdir))
+  params = params_lib.load_params(config, workdir)
   loader = prepare(config, workdir)
-  if config.mode in REPORT_MODES:
-    return write_report(config, workdir, loader, params)
-  if config.mode == 'train':
-    from rcae_jax.evaluation import learning_curves  # pylint: disable=g-import-not-at-top
-    hook = None
-    # A good-only category has no test set to draw curves from (evaluate
-    # says so once, when it skips the test metrics). A resumed run's
-    # wall-time axis carries on from its last point.
-    if config.eval.every_steps and not folder.good_only(loader.files):
-      hook = curve_hook.make_curve_hook(
-          config, loader, learning_curves.last_wall_minutes(workdir))
-    params = train.train_and_checkpoint(config, workdir, loader, hook)
-    if hook is not None and jax.process_index() == 0:
-      logging.info('Learning curves: %s', learning_curves.write(
-          workdir, title=loader.files.category))
-  else:
-    if not checkpoints.training_complete(workdir):
-      logging.warning('%s: training is not finished (no TRAINING_COMPLETE '
-                      'marker); evaluating its latest checkpoint, and '
-                      'metrics.json says training_complete=false', workdir)
+  if not checkpoints.training_complete(workdir):
+    logging.warning('%s: training is not finished (no TRAINING_COMPLETE '
+                    'marker); evaluating its latest checkpoint, and '
+                    'metrics.json says training_complete=false', workdir)
+  return evaluate_params(config, workdir, loader, params)
+
+
+def evaluate_params(config, workdir: str, loader, params) -> dict:
+  """Metrics, thresholds and pictures of `params` on the loader's test
+  set (evaluate.evaluate), after the choice of eval.scoring='auto'."""
   # Evaluation runs the same program on every process over the whole test
   # set, each on its own device, from a host copy of the replicated params.
   params = jax.device_get(params)
   if config.eval.scoring == 'auto':  # Chosen on held-out good images.
     from rcae_jax.training import proxy_anomalies  # pylint: disable=g-import-not-at-top
-    config = proxy_anomalies.choose_scoring(params, loader, config, workdir)
+    config = scoring_choice.choose_scoring(
+        params, loader, config, workdir, functools.partial(
+            proxy_anomalies.proxy_set, anomaly_cfg=config.anomalies))
   log_checksum(params)
   log_model_cost(config, params, workdir)
   writer = writers.create_writer(workdir, jax.process_index() == 0,
@@ -234,6 +237,40 @@ def dispatch(config, workdir: str) -> dict:
                                     checkpoints.training_complete(workdir)})
   writer.close()
   return report
+
+
+def predict_mode(config, workdir: str) -> dict:
+  from rcae_jax.serving import predict  # pylint: disable=g-import-not-at-top
+  return predict.predict_files(scoring_choice.resolve(config, workdir),
+                               workdir)
+
+
+def export_mode(config, workdir: str) -> dict:
+  from rcae_jax.serving import export  # pylint: disable=g-import-not-at-top
+  return export.run_export(scoring_choice.resolve(config, workdir), workdir)
+
+
+def benchmark_mode(config, workdir: str) -> dict:
+  from rcae_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
+  return benchmark.run_benchmark(config, workdir)
+
+
+def report_mode(config, workdir: str) -> dict:
+  """A REPORT_MODES mode on the trained workdir (write_report)."""
+  config = scoring_choice.resolve(config, workdir)
+  if config.mode == 'shortcut_report':
+    from rcae_jax.tools import shortcut_report  # pylint: disable=g-import-not-at-top
+    shortcut_report.require_stage3(workdir)  # Before any parameter is read.
+  params = params_lib.load_params(config, workdir)  # Before prepare().
+  return write_report(config, workdir, prepare(config, workdir), params)
+
+
+# config.mode -> what it runs, (config, workdir) -> its report; `run`
+# checks config.mode against these names.
+MODES = {'train': train_mode, 'evaluate': evaluate_mode,
+         'predict': predict_mode, 'export': export_mode,
+         'benchmark': benchmark_mode,
+         **{mode: report_mode for mode in REPORT_MODES}}
 
 
 def write_report(config, workdir: str, loader, params) -> dict:

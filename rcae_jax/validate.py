@@ -10,8 +10,6 @@ from rcae_jax.common import errors
 from rcae_jax.evaluation import scoring_checks
 
 
-MODES = ('train', 'evaluate', 'predict', 'export', 'benchmark',
-         'depth_report', 'fusion_report', 'shortcut_report')
 # jax.export's names for the platforms an artefact can be lowered for.
 EXPORT_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
@@ -20,7 +18,7 @@ EXPORT_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 ConfigError = errors.ConfigError
 
 
-def _choice(value, name, options):
+def choice(value, name, options):
   if value not in options:
     raise ConfigError(f'config.{name} must be one of {options}, got {value!r}')
 
@@ -32,7 +30,7 @@ def check_tiling(config, height: int, width: int) -> None:
   if (not isinstance(size, int) or isinstance(size, bool) or size < 0):
     raise ConfigError('config.data.tile_size must be 0 (off) or a tile side '
                       f'in source pixels >= 1, got {size!r}')
-  _choice(d.tile_sampling, 'data.tile_sampling', ('random', 'grid'))
+  choice(d.tile_sampling, 'data.tile_sampling', ('random', 'grid'))
   if not 0 <= d.tile_overlap < 1:
     raise ConfigError('config.data.tile_overlap is the fraction of a tile\'s '
                       f'side that neighbouring tiles share, in [0, 1), got '
@@ -62,7 +60,7 @@ THRESHOLD_METHODS = ('quantile', 'f1', 'fixed')
 def check_thresholds(e) -> None:
   """eval.threshold and the fields of its method
   (rcae_jax/evaluation/thresholds.py)."""
-  _choice(e.threshold, 'eval.threshold', THRESHOLD_METHODS)
+  choice(e.threshold, 'eval.threshold', THRESHOLD_METHODS)
   for name in ('image_quantile', 'pixel_quantile'):
     if not 0 < e[name] <= 1:
       raise ConfigError(f'config.eval.{name} must lie in (0, 1], got '
@@ -82,9 +80,9 @@ def check_levers(config) -> None:
   from rcae_jax.model import models  # pylint: disable=g-import-not-at-top
   from rcae_jax.training import anomalies  # pylint: disable=g-import-not-at-top
   m, e = config.model, config.eval
-  _choice(m.dpn_guide, 'model.dpn_guide', losses.DPN_GUIDES)
-  _choice(m.crd_head, 'model.crd_head', models.CRD_HEADS)
-  _choice(config.train.stage3.loss, 'train.stage3.loss', losses.CRD_LOSSES)
+  choice(m.dpn_guide, 'model.dpn_guide', losses.DPN_GUIDES)
+  choice(m.crd_head, 'model.crd_head', models.CRD_HEADS)
+  choice(config.train.stage3.loss, 'train.stage3.loss', losses.CRD_LOSSES)
   if m.dpn_guide == 'blurred_grad' and not m.dpn_guide_sigma > 0:
     raise ConfigError('config.model.dpn_guide_sigma must be > 0 with '
                       f"dpn_guide='blurred_grad', got {m.dpn_guide_sigma}")
@@ -106,22 +104,21 @@ def check_levers(config) -> None:
 
 
 def validate(config) -> None:
-  _choice(config.mode, 'mode', MODES)
   m, d, t, e = config.model, config.data, config.train, config.eval
-  _choice(m.recursion, 'model.recursion', ('depth', 'iterative'))
-  _choice(m.dtype, 'model.dtype', ('float32', 'bfloat16'))
-  _choice(d.loader, 'data.loader', ('auto', 'tfdata', 'memory'))
-  _choice(d.format, 'data.format', ('mvtec', 'visa'))
-  _choice(e.scoring, 'eval.scoring', ('crd', 'recursion', 'fused', 'auto'))
+  choice(m.recursion, 'model.recursion', ('depth', 'iterative'))
+  choice(m.dtype, 'model.dtype', ('float32', 'bfloat16'))
+  choice(d.loader, 'data.loader', ('auto', 'tfdata', 'memory'))
+  choice(d.format, 'data.format', ('mvtec', 'visa'))
+  choice(e.scoring, 'eval.scoring', ('crd', 'recursion', 'fused', 'auto'))
   if e.scoring == 'auto' and d.tile_size:
     raise ConfigError("config.eval.scoring='auto' is not available for "
                       'tiled runs (config.data.tile_size): choose '
                       "'crd', 'recursion' or 'fused'")
-  _choice(e.recursion_reduce, 'eval.recursion_reduce',
+  choice(e.recursion_reduce, 'eval.recursion_reduce',
           ('mean', 'max', 'last'))
-  _choice(e.image_score, 'eval.image_score', ('max', 'mean'))
-  _choice(e.smoothing, 'eval.smoothing', ('box', 'gaussian'))
-  _choice(e.pixel_resolution, 'eval.pixel_resolution',
+  choice(e.image_score, 'eval.image_score', ('max', 'mean'))
+  choice(e.smoothing, 'eval.smoothing', ('box', 'gaussian'))
+  choice(e.pixel_resolution, 'eval.pixel_resolution',
           ('ground_truth', 'model'))
   levels_in_use = m.depth if m.recursion == 'depth' else m.iterative_levels
   if (m.bottleneck_channels != 3 and levels_in_use > 1 and
@@ -144,7 +141,7 @@ def validate(config) -> None:
   # times.
   factor = 2 ** max(levels_in_use, 4)
   from rcae_jax.data import geometry  # pylint: disable=g-import-not-at-top
-  _choice(d.resize, 'data.resize', geometry.RESIZE_MODES)
+  choice(d.resize, 'data.resize', geometry.RESIZE_MODES)
   height, width = geometry.as_hw(d.image_size)
   if height % factor or width % factor or min(height, width) < 1:
     raise ConfigError(
@@ -169,7 +166,7 @@ def validate(config) -> None:
     if stage.steps < 0 or stage.learning_rate <= 0:
       raise ConfigError(f'config.train.stage{s}: steps must be >= 0 and '
                         'learning_rate > 0')
-    _choice(stage.schedule, f'train.stage{s}.schedule',
+    choice(stage.schedule, f'train.stage{s}.schedule',
             ('constant', 'cosine'))
   if t.crop_size and (t.crop_size > min(height, width) or
                       t.crop_size % factor):
@@ -179,7 +176,7 @@ def validate(config) -> None:
         f'by {factor}')
   check_thresholds(e)
   for s in (1, 2, 3):
-    epochs = t[f'stage{s}'].get('epochs', 0)
+    epochs = t[f'stage{s}'].epochs
     if epochs < 0:
       raise ConfigError(f'config.train.stage{s}.epochs must be >= 0 (0 = '
                         f'use steps), got {epochs}')
@@ -197,7 +194,7 @@ def validate(config) -> None:
     raise ConfigError('config.predict.flush_seconds must be >= 0, got '
                       f'{config.predict.flush_seconds}')
   for platform in config.export.platforms:
-    _choice(platform, 'export.platforms[]', EXPORT_PLATFORMS)
+    choice(platform, 'export.platforms[]', EXPORT_PLATFORMS)
   if not config.workdir_lock.stale_minutes > 0:
     raise ConfigError('config.workdir_lock.stale_minutes must be > 0, got '
                       f'{config.workdir_lock.stale_minutes}')

@@ -19,6 +19,7 @@ from rcae_jax.evaluation import maps
 from rcae_jax.evaluation import scoring
 from rcae_jax.model import inference
 from rcae_jax.serving import params as params_lib
+from rcae_jax.training import loop
 from rcae_jax.training import train
 
 from conftest import tiny_config  # pylint: disable=g-import-not-at-top
@@ -163,7 +164,7 @@ def test_shape_check_refuses_a_trained_network_without_model_config(
   os.remove(os.path.join(ckpt_dir, checkpoints.MODEL_CONFIG))
   steps = sorted(os.listdir(ckpt_dir))
   with pytest.raises(validate.ConfigError, match='DPN'):
-    train.train_and_checkpoint(
+    loop.train_and_checkpoint(
         make_config(**dict(base, **{'model.dpn_guide': 'grad_mag',
                                     'train.stage3.steps': 2})),
         workdir, loader=None)

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from rcae_jax.model import models
-from rcae_jax.training import train
+from rcae_jax.common import programs
 
 
 def unoptimised(fn):
   """`fn` compiled once without XLA:CPU's optimisations. Eager U-Nets
   compile every op apart and optimised builds take longer still (~25 s
   either way on 2 cores); these tests check shapes and values, not speed."""
-  return functools.partial(train.run_unoptimised, fn)
+  return functools.partial(programs.run_unoptimised, fn)
 
 
 def n_params(tree):

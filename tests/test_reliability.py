@@ -33,6 +33,7 @@ from rcae_jax.model import inference
 from rcae_jax.serving import params as params_lib
 from rcae_jax.training import nonfinite
 from rcae_jax.training import preemption
+from rcae_jax.training import loop
 from rcae_jax.training import train
 from rcae_jax.training import train_state
 
@@ -233,7 +234,7 @@ def test_changed_model_is_refused_harmless_changes_are_not(env, reference,
   checkpoints.check_resume_compatible(harmless, ckpt_dir)
   changed = subprocess_config(**{'model.width': 8, 'model.depth': 3})
   with pytest.raises(validate.ConfigError) as e:
-    train.train_and_checkpoint(changed, str(workdir), loader=None)
+    loop.train_and_checkpoint(changed, str(workdir), loader=None)
   message = str(e.value)
   assert 'model.width: 4 -> 8' in message
   assert 'model.depth: 2 -> 3' in message
@@ -324,14 +325,14 @@ def test_nonfinite_step_stops_without_saving_then_skip_mode_finishes(
   loader = NaNAt(run_lib.prepare(config, workdir), NAN_STEP)
   with pytest.raises(FloatingPointError,
                      match=f'stage 1 \\(rcae\\) at step {NAN_STEP}'):
-    train.train_and_checkpoint(config, workdir, loader)
+    loop.train_and_checkpoint(config, workdir, loader)
   assert saved_steps(workdir)[-1] == NAN_STEP - 1  # The last good one.
   assert all_finite(params_lib.load_params(config, workdir))
   assert not checkpoints.training_complete(workdir)
 
   config.train.skip_nonfinite = True  # Resumes at step 3, skips step 4.
   with caplog.at_level('WARNING'):
-    params = train.train_and_checkpoint(config, workdir, loader)
+    params = loop.train_and_checkpoint(config, workdir, loader)
   assert 'skipped 1 batch(es) with a non-finite loss' in caplog.text
   assert all_finite(params)
   assert saved_steps(workdir)[-1] == 6
@@ -580,7 +581,7 @@ def test_training_goes_on_past_a_damaged_checkpoint_stops_on_a_full_disk(
   disk_full_inside(monkeypatch, f'/{STEPS}.orbax-checkpoint-tmp')
   with caplog.at_level('INFO'):
     with pytest.raises(checkpoints.CheckpointWriteError) as e:
-      train.train_and_checkpoint(config, str(workdir), loader)
+      loop.train_and_checkpoint(config, str(workdir), loader)
   assert (f'Fell back to checkpoint {workdir}/checkpoints/{STEPS - 1}' in
           caplog.text)
   assert f'Resuming from checkpoint at stage 1 step {STEPS - 1}' in (

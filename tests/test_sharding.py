@@ -17,7 +17,7 @@ def fixed_batch(b=4, size=32):
 
 
 def one_step(config, stage, mesh, batch):
-  """One training step as train.run_stage takes it (a mesh, rng None: the
+  """One training step as loop.run_stage takes it (a mesh, rng None: the
   key is made inside the program from the step number), so that the
   one-device program is the one the session's trained workdir and
   test_train.py compile (same config, same batch): it loads from the

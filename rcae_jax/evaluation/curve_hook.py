@@ -35,7 +35,7 @@ def curve_config(config, stage: int):
 
 
 def make_curve_hook(config, loader, minutes_before: float = 0.0):
-  """The `on_eval` hook of train.train_and_checkpoint: test metrics of the
+  """The `on_eval` hook of loop.train_and_checkpoint: test metrics of the
   parameters so far, as `curve/*` scalars against the global step, with
   the wall time since the hook was made plus `minutes_before`, the wall
   time of the run's last point before a resume (learning curves;

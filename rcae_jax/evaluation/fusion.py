@@ -7,7 +7,8 @@ M_A is CRD's map, M_R the recursion map (`eval.recursion_reduce`,
 held-out good images (the 'val' split that thresholds come from; never a
 test image). Dividing by the medians puts both maps on one scale on normal
 parts, so neither decides alone. The fusion screen (tools/fusion_report.py
-candidate 'sum/q0.5'; docs/results.md) selected this form.
+candidate 'sum/q0.5'; docs/studies/2026-11-30-accuracy-study.md)
+selected this form.
 
 Where the medians live: `evaluate` with scoring='fused' computes them first
 (thresholds.fusion_normalisers), writes <workdir>/fusion_normalisers.json

@@ -11,7 +11,7 @@ Pixel map, by `config.eval.scoring`:
   are not rebuilt at the deeper ones, so their error accumulates.
 - 'fused' (ours): CRD's map / s_c + the recursion map / s_r, each divided by
   its median over the held-out good images (fusion.py; the fusion screen
-  in docs/results.md chose it).
+  in docs/studies/2026-11-30-accuracy-study.md chose it).
 """
 
 from __future__ import annotations
@@ -63,12 +63,12 @@ def predict(params, images, extents=None, *, nets: inference.Networks, config,
   recs = inference.reconstructions(nets, params, x)
   dets = inference.details(nets, params, recs, x, inference.uses_dpn(config))
   if config.eval.scoring == 'crd':
-    amap = crd_map(nets, params, dets, x, config.eval.get('crd_sigma', 0.0))
+    amap = crd_map(nets, params, dets, x, config.eval.crd_sigma)
   elif config.eval.scoring == 'recursion':
     amap = recursion_map(dets, x, config.eval)
   elif config.eval.scoring == 'fused':
     amap = fusion.fuse(crd_map(nets, params, dets, x,
-                               config.eval.get('crd_sigma', 0.0)),
+                               config.eval.crd_sigma),
                        recursion_map(dets, x, config.eval), normalisers)
   else:
     raise ValueError(f"eval.scoring must be 'crd', 'recursion' or 'fused', "

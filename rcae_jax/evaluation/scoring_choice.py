@@ -2,29 +2,34 @@
 held-out good images only, and read back by every mode that scores.
 
 CRD's map is only worth deploying where it beats the recursion error it
-is given, and on some categories it does not (docs/results.md, round
-three: on MVTec 3D-AD tire CRD's map falls far below its own recursion
+is given, and on some categories it does not (docs/studies/
+2026-12-07-accuracy-round-three.md: on MVTec 3D-AD tire CRD's map falls far below its own recursion
 map). No test label may decide which map to use, so the choice is made
 on a proxy: the held-out good images (`data.val_fraction` of train/good)
 with pseudo-anomalies of a family CRD was not trained on (training/
 proxy_anomalies.py makes them), scored by each candidate map. The
 candidate with the best mean of pixel AUROC and pixel AP there wins.
 
-This module holds what inference needs: the file, the pure choice and
+Here: the choice on a proxy set (`choose_scoring`; run.py hands it
+training/proxy_anomalies.proxy_set, which makes the pseudo-anomalies) and
 `resolve`, which turns a config with 'auto' into one with the stored
-choice (predict, export and the report modes call it). The proxy set is
-made, and the choice written, by training/proxy_anomalies.py.
+choice (predict, export and the report modes call it).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
+import jax
 import numpy as np
 
 from rcae_jax.common import fileio
 from rcae_jax.common.errors import ConfigError
+from rcae_jax.data import geometry
+from rcae_jax.evaluation import maps as maps_lib
 from rcae_jax.evaluation import metrics
+from rcae_jax.evaluation import thresholds as thresholds_lib
 
 FILE = 'scoring_choice.json'
 # The maps 'auto' chooses among, in the order ties are broken (the
@@ -74,3 +79,60 @@ def with_scoring(config, scoring: str):
   config = config.copy_and_resolve_references()
   config.eval.scoring = scoring
   return config
+
+
+def held_out_images(loader, batch_size: int):
+  """uint8 images [n, H, W, 3] and extents [n, 2] of the 'val' split."""
+  images = [np.asarray(b['image'])[np.asarray(b['valid'], bool)]
+            for b in loader.test_batches(batch_size, split='val')]
+  return np.concatenate(images), np.asarray(loader.extents('val'))
+
+
+def candidate_maps(params, xs, config, normalisers) -> np.ndarray:
+  """The map of `config`'s scoring for every proxy image, [M, H, W], in
+  batches of eval.batch_size (the last one padded: one program)."""
+  predict_fn = maps_lib.make_predict_fn(config, normalisers=normalisers)
+  params = maps_lib.place_params(predict_fn, params)
+  size = config.eval.batch_size
+  out = []
+  for start in range(0, len(xs), size):
+    chunk = xs[start:start + size]
+    pad = size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, 0)])
+    out.append(np.asarray(maps_lib.map_score_fn(predict_fn)(params,
+                                                            chunk)['map']))
+  return np.concatenate(out)[:len(xs)]
+
+
+def choose_scoring(params, loader, config, workdir: str, make_proxy):
+  """Scores the proxy set with every candidate map, writes the choice and
+  the proxy's numbers to <workdir>/json, and returns
+  `config` scoring with the chosen map. `make_proxy(images)`: (float
+  images [M, H, W, 3], bool masks [M, H, W]), M a multiple of the held-out
+  images' count (training/proxy_anomalies.proxy_set)."""
+  images, extents = held_out_images(loader, config.eval.batch_size)
+  xs, masks = make_proxy(images)
+  draws = len(xs) // len(images)
+  hw = xs.shape[1:3]
+  valid = np.tile(np.asarray(geometry.valid_mask(extents, hw)),
+                  (draws, 1, 1))
+  rows = {}
+  for name in CANDIDATES:
+    cfg = with_scoring(config, name)
+    # 'fused' divides by medians of the held-out good images' maps; they
+    # are written beside thresholds.json as evaluation would.
+    normalisers = thresholds_lib.fusion_normalisers(params, loader, cfg,
+                                                    workdir)
+    rows[name] = proxy_scores(
+        candidate_maps(params, xs, cfg, normalisers), masks, valid)
+  choice = choose(rows)
+  record = {'choice': choice, 'proxy': rows,
+            'num_held_out_images': int(len(images)), 'draws': draws,
+            'positive_pixel_fraction': float(masks[valid].mean())}
+  if jax.process_index() == 0:
+    fileio.write_json_atomic(path(workdir), record)
+  logging.info("eval.scoring='auto' chose %r on %d held-out good images "
+               'x %d proxy draws: %s', choice, len(images), draws,
+               ', '.join(f"{k} {v['mean']:.4f}" for k, v in rows.items()))
+  return with_scoring(config, choice)

@@ -44,7 +44,7 @@ def choose_thresholds(params, loader, config, predict_fn) -> dict:
   and the label-free quantiles; without held-out images the training
   images stand in (optimistic: the model has seen them)."""
   thresholds = quantile_thresholds(params, loader, config, predict_fn)
-  method = config.eval.get('threshold', 'quantile')
+  method = config.eval.threshold
   if method == 'f1':
     thresholds.update(f1_thresholds(params, loader, config, predict_fn))
   elif method == 'fixed':

@@ -40,13 +40,12 @@ class Networks:
 
 
 def build_networks(model_cfg) -> Networks:
-  # .get: configs saved before these fields existed mean the original.
   return Networks(models.build_rcae(model_cfg), models.build_dpn(model_cfg),
                   models.build_crd(model_cfg),
                   tuple(models.crd_step_indices(model_cfg.depth,
                                                 model_cfg.crd_steps)),
-                  dpn_guide=model_cfg.get('dpn_guide', 'signed_diff'),
-                  dpn_guide_sigma=model_cfg.get('dpn_guide_sigma', 1.0))
+                  dpn_guide=model_cfg.dpn_guide,
+                  dpn_guide_sigma=model_cfg.dpn_guide_sigma)
 
 
 def uses_dpn(config) -> bool:

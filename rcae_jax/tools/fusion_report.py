@@ -4,8 +4,8 @@
 and scores its test set with each candidate map below, at the model's
 resolution (as the learning curves), with the configured image score
 (`eval.image_score`, `eval.smoothing`). run.py writes the report to
-`<workdir>/fusion_report.json` and prints it as a table. docs/results.md
-("Fusing the CRD and recursion maps") ran it on the three shared
+`<workdir>/fusion_report.json` and prints it as a table. docs/studies/
+2026-11-30-accuracy-study.md ("Fusing the CRD and recursion maps") ran it on the three shared
 categories under a selection rule written first.
 
 Candidates (ours; the paper scores with CRD's M_A alone, docs/method.md):

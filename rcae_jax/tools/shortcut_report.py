@@ -20,7 +20,8 @@ pixels and elsewhere, and their ratio. A DPN ratio near 1 where RcAE's is
 well above it means DPN draws the defects back.
 
 run.py writes the report to `<workdir>/shortcut_report.json` and prints it
-as tables; docs/results.md ("Shortcut diagnostics") says how to read it.
+as tables; docs/studies/2026-12-04-shortcut-diagnostics.md says how to
+read it.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def batch_maps(params, images, *, nets, config, use_dpn: bool) -> dict:
   recs = inference.reconstructions(nets, params, x)
   dets = inference.details(nets, params, recs, x, use_dpn)
   out = {f'crd_{name}': maps_lib.crd_map(nets, params, d, x,
-                                          config.eval.get('crd_sigma', 0.0))
+                                          config.eval.crd_sigma)
          for name, d in crd_inputs(dets, x).items()}
   out['recursion'] = maps_lib.recursion_map(dets, x, config.eval)
   # depth_report's per-depth errors, from the same forward pass.

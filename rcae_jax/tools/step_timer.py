@@ -36,7 +36,7 @@ def time_steps(config, stage: int, steps: int) -> dict:
   programs the stage compiled (1 when each step reuses the first's)."""
   nets = inference.build_networks(config.model)
   size = config.data.image_size
-  # As train.run_stage takes its steps: a one-device mesh, the batch and
+  # As loop.run_stage takes its steps: a one-device mesh, the batch and
   # the health count as the loop passes them.
   mesh = sharding.make_mesh(1)
   batch = sharding.to_global({'image': np.random.default_rng(0).integers(

@@ -354,10 +354,14 @@ def torch_lib() -> types.SimpleNamespace:
 
     def __init__(self, model_cfg):
       super().__init__()
+      if model_cfg.crd_head != 'groupnorm':
+        raise ValueError(
+            f"model.crd_head={model_cfg.crd_head!r}: the PyTorch twin mirrors "
+            "CRD's 'groupnorm' head only")
       self.rcae = RcAE(model_cfg)
       self.dpn = DPN(model_cfg.dpn_width)
       self.crd = CRD(model_cfg.crd_width, model_cfg.crd_normalize,
-                     model_cfg.get('crd_residual', False))
+                     model_cfg.crd_residual)
       self.crd_steps = models_crd_steps(model_cfg)
 
     def forward(self, x):
@@ -672,10 +676,13 @@ def training_cases(config, params, device: str, reps: int, stages, log,
       key = jax.random.PRNGKey(0)
       x_anom, mask = jax.jit(lambda k, x: anomalies.synthesize(
           k, x, config.anomalies))(key, inference.to_float(images))
+      if config.train.stage3.loss != 'l2':
+        raise ValueError(f'train.stage3.loss={config.train.stage3.loss!r}: '
+                         "the PyTorch twin times the paper's 'l2' loss only")
       xa_t, mask_t = to_nchw(x_anom).to(device), to_nchw(mask).to(device)
       use_dpn = inference.uses_dpn(config)
       # Input dropout as the JAX step draws it (a Bernoulli per sample).
-      drop = config.train.stage3.get('input_dropout', 0.0)
+      drop = config.train.stage3.input_dropout
       keep_t = ((torch.rand(batch, device=device) >= drop).float()
                 if drop else None)
 

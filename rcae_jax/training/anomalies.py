@@ -91,7 +91,7 @@ def _validate(config) -> Tuple[Tuple[str, ...], Tuple[float, ...]]:
     raise ValueError('noise_fraction must lie in [0, 1]')
   if not 0.0 < config.noise_min_cell <= config.noise_max_cell <= 1.0:
     raise ValueError('need 0 < noise_min_cell <= noise_max_cell <= 1')
-  style = config.get('style', 'paper')
+  style = config.style
   if style not in STYLES:
     raise ValueError(f'anomalies.style must be one of {STYLES}, got '
                      f'{style!r}')
@@ -631,7 +631,7 @@ def synthesize(key: jax.Array, images: jax.Array, config
     raise ValueError(f'expected images [B, H, W, C], got shape {images.shape}')
   _validate(config)
   keys = jax.random.split(key, images.shape[0])
-  if config.get('style', 'paper') == 'realistic':
+  if config.style == 'realistic':
     return jax.vmap(functools.partial(realistic_one, config=config))(
         keys, images)
   fn = functools.partial(synthesize_one, config=config)

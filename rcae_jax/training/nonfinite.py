@@ -1,7 +1,8 @@
 """Non-finite steps: kept out of the parameters, counted, then reported.
 
 One NaN in a loss or gradient would otherwise poison every later step and
-checkpoint. The jitted step itself keeps the previous parameters (`guard`)
+checkpoint. The jitted step itself keeps the previous parameters
+(`keep_finite`)
 and counts such steps on the device; the host reads the count only at log
 and save points (`check`), so there is no host sync per step.
 """
@@ -26,32 +27,26 @@ def healthy() -> dict:
           'first_nonfinite_step': jnp.zeros((), jnp.int32)}
 
 
-def guard(step_fn):
-  """Wraps a stage step: a step whose loss or gradient is not finite leaves
-  the parameters and optimizer state as they were (one NaN would otherwise
-  poison every later step and checkpoint) and is counted in the health
-  metrics, together with the first such step (1-based, as checkpoints).
-  All on the device: a per-step host check would stall the pipeline."""
-
-  def guarded(state, frozen, batch, rng, health, **kwargs):
-    new, metrics = step_fn(state, frozen, batch, rng, **kwargs)
-    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(
-        metrics['grad_norm'])
-    keep = lambda n, o: jnp.where(finite, n, o)
-    new = new.replace(
-        params=jax.tree.map(keep, new.params, state.params),
-        opt_state=jax.tree.map(keep, new.opt_state, state.opt_state))
-    first_bad = (~finite) & (health['nonfinite_steps'] == 0)
-    metrics = dict(
-        metrics, finite=finite,
-        param_norm=optax.tree.norm(new.params),
-        nonfinite_steps=health['nonfinite_steps'] + (~finite).astype(
-            jnp.int32),
-        first_nonfinite_step=jnp.where(first_bad, state.step + 1,
-                                       health['first_nonfinite_step']))
-    return new, metrics
-
-  return guarded
+def keep_finite(state, new, metrics: dict, health: dict):
+  """(state, metrics) after a step from `state` to `new`: `new`, unless
+  the step's loss or gradient is not finite; then `state`'s parameters
+  and optimizer state are kept (one NaN would otherwise poison every later
+  step and checkpoint), and the step is counted in the health metrics
+  with the first such step (1-based, as checkpoints). Traced inside the
+  jitted step: a per-step host check would stall the pipeline."""
+  finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(metrics['grad_norm'])
+  keep = lambda n, o: jnp.where(finite, n, o)
+  new = new.replace(
+      params=jax.tree.map(keep, new.params, state.params),
+      opt_state=jax.tree.map(keep, new.opt_state, state.opt_state))
+  first_bad = (~finite) & (health['nonfinite_steps'] == 0)
+  metrics = dict(
+      metrics, finite=finite,
+      param_norm=optax.tree.norm(new.params),
+      nonfinite_steps=health['nonfinite_steps'] + (~finite).astype(jnp.int32),
+      first_nonfinite_step=jnp.where(first_bad, state.step + 1,
+                                     health['first_nonfinite_step']))
+  return new, metrics
 
 
 def check(health, config, stage: int, done: int, ckpt) -> dict | None:

@@ -1,7 +1,7 @@
 """Stopping a long run cleanly: SIGTERM, and time-based checkpoints.
 
 Preemptible machines (spot VMs, Cloud TPU) get SIGTERM some seconds before
-they go. The loop (train.run_stage) asks `StopRequest.requested` after each
+they go. The loop (loop.run_stage) asks `StopRequest.requested` after each
 step, saves, and raises `Preempted`; `SaveTimer` bounds what a kill without
 warning loses.
 """
