@@ -68,7 +68,7 @@ def test_initial_params_are_memoised_as_new_arrays(make_config,
   first = train.initial_params(nets, config)
   expected = jax.device_get(first)
   jax.tree.map(lambda a: a.delete(), first)  # As a donating step would.
-  monkeypatch.setattr(train, 'run_unoptimised',
+  monkeypatch.setattr(programs, 'run_unoptimised',
                       lambda *a: pytest.fail('initialised again'))
   second = train.initial_params(nets, config)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(second),
