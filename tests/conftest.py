@@ -313,6 +313,20 @@ def pytest_collection_modifyitems(items):
         break
 
 
+def evaluated_copy(trained_workdir, tmp_path_factory, name: str, **fields):
+  """(config, workdir): a copy of the trained workdir evaluated again with
+  `fields` set (the shared one keeps its own outputs)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from rcae_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+  config, source = trained_workdir
+  workdir = str(tmp_path_factory.mktemp(name) / 'wd')
+  shutil.copytree(source, workdir)
+  config = set_fields(config.copy_and_resolve_references(), mode='evaluate',
+                      **{'eval.every_steps': 0}, **fields)
+  run_lib.run(config, workdir)
+  return config, workdir
+
+
 def run_report(trained_workdir, mode: str) -> dict:
   """Runs a report mode ('depth_report', 'fusion_report') on the trained
   workdir; checks that <workdir>/<mode>.json holds what it returned."""

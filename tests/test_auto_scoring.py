@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import set_fields
+from conftest import evaluated_copy, set_fields
 
 from rcae_jax import run as run_lib
 from rcae_jax import validate
@@ -28,13 +28,8 @@ def _with(config, **fields):
 def auto(trained, tmp_path_factory):
   """(config, workdir): a copy of the trained workdir evaluated with
   scoring='auto'."""
-  config, source = trained
-  workdir = str(tmp_path_factory.mktemp('auto') / 'wd')
-  shutil.copytree(source, workdir)
-  config = _with(config, **{'mode': 'evaluate', 'eval.scoring': 'auto',
-                            'eval.every_steps': 0})
-  run_lib.run(config, workdir)
-  return config, workdir
+  return evaluated_copy(trained, tmp_path_factory, 'auto',
+                        **{'eval.scoring': 'auto'})
 
 
 def _row(mean):

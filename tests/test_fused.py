@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import set_fields
+from conftest import evaluated_copy, set_fields
 
 from rcae_jax import run as run_lib
 from rcae_jax import validate
@@ -30,12 +30,8 @@ def _with(config, **fields):
 def fused(trained, tmp_path_factory):
   """(config, workdir, loader, params): a copy of the trained workdir
   evaluated with scoring='fused' (the shared one keeps its CRD metrics)."""
-  config, source = trained
-  workdir = str(tmp_path_factory.mktemp('fused') / 'wd')
-  shutil.copytree(source, workdir)
-  config = _with(config, **{'mode': 'evaluate', 'eval.scoring': 'fused',
-                            'eval.every_steps': 0})
-  run_lib.run(config, workdir)
+  config, workdir = evaluated_copy(trained, tmp_path_factory, 'fused',
+                                   **{'eval.scoring': 'fused'})
   loader = run_lib.prepare(config, workdir)
   params = jax.device_get(params_lib.load_params(config, workdir))
   return config, workdir, loader, params

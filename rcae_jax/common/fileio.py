@@ -23,6 +23,8 @@ from typing import Optional, Union
 
 from etils import epath
 
+from rcae_jax.common import errors
+
 PathLike = Union[str, os.PathLike]
 
 # errno values that mean "no room left", whatever the storage.
@@ -126,6 +128,16 @@ def read_text(path: PathLike) -> str:
 
 def read_json(path: PathLike):
   return json.loads(read_text(path))
+
+
+def read_stored(path: str, needs: str, command: str) -> dict:
+  """The JSON that an earlier mode wrote at `path` (e.g. evaluation's
+  normalisers); missing, one ConfigError line: what `needs` it and the
+  `command` that writes it."""
+  if not exists(path):
+    raise errors.ConfigError(f'{path} is missing: {needs}; run {command} '
+                             'on this workdir first')
+  return read_json(path)
 
 
 def image_source(path: PathLike):

@@ -25,7 +25,6 @@ import os
 import numpy as np
 
 from rcae_jax.common import fileio
-from rcae_jax.common.errors import ConfigError
 
 FILE = 'fusion_normalisers.json'
 QUANTILE = 0.5  # The median: the screen's 'sum/q0.5'.
@@ -62,11 +61,8 @@ def for_config(config, workdir: str):
   A missing file is one line that says what to run."""
   if config.eval.scoring != 'fused':
     return None
-  where = path(workdir)
-  if not fileio.exists(where):
-    raise ConfigError(
-        f"{where} is missing: config.eval.scoring='fused' needs the "
-        'normalisers that evaluation computes; run --config.mode=evaluate '
-        '--config.eval.scoring=fused on this workdir first')
-  stored = fileio.read_json(where)
+  stored = fileio.read_stored(
+      path(workdir), "config.eval.scoring='fused' needs the normalisers "
+      'that evaluation computes',
+      '--config.mode=evaluate --config.eval.scoring=fused')
   return {k: float(stored[k]) for k in UNIT}

@@ -25,7 +25,6 @@ import jax
 import numpy as np
 
 from rcae_jax.common import fileio
-from rcae_jax.common.errors import ConfigError
 from rcae_jax.data import geometry
 from rcae_jax.evaluation import maps as maps_lib
 from rcae_jax.evaluation import metrics
@@ -65,13 +64,10 @@ def resolve(config, workdir: str):
   says what to run."""
   if config.eval.scoring != 'auto':
     return config
-  where = path(workdir)
-  if not fileio.exists(where):
-    raise ConfigError(
-        f"{where} is missing: config.eval.scoring='auto' deploys the map "
-        'that evaluation chose on the held-out good images; run '
-        '--config.mode=evaluate on this workdir first')
-  return with_scoring(config, fileio.read_json(where)['choice'])
+  stored = fileio.read_stored(
+      path(workdir), "config.eval.scoring='auto' deploys the map that "
+      'evaluation chose on the held-out good images', '--config.mode=evaluate')
+  return with_scoring(config, stored['choice'])
 
 
 def with_scoring(config, scoring: str):
