@@ -16,6 +16,7 @@ from conftest import evaluated_copy, set_fields
 from rcae_jax import run as run_lib
 from rcae_jax import validate
 from rcae_jax.evaluation import scoring_choice
+from rcae_jax.serving import params as params_lib
 from rcae_jax.training import anomalies
 from rcae_jax.training import proxy_anomalies
 
@@ -126,3 +127,37 @@ def test_a_missing_choice_names_what_to_run(auto, tmp_path):
 def test_auto_config_checks(make_config, fields, message):
   with pytest.raises(validate.ConfigError, match=message):
     validate.validate(make_config(**fields))
+
+
+def test_the_choice_never_reads_a_test_image(auto, tmp_path):
+  """Label-free by construction: choose_scoring reads the held-out good
+  images ('val') and nothing of the test split."""
+  config, workdir = auto
+  loader = run_lib.prepare(config, workdir)
+  asked = []
+
+  class ValOnly:
+    def __getattr__(self, name):
+      return getattr(loader, name)
+
+    def test_batches(self, batch_size, split='test'):
+      asked.append(split)
+      return loader.test_batches(batch_size, split=split)
+
+    def extents(self, split='test'):
+      asked.append(split)
+      return loader.extents(split)
+
+  params = jax.device_get(params_lib.load_params(config, workdir))
+  out = str(tmp_path / 'wd')
+  os.makedirs(out)
+  chosen = scoring_choice.choose_scoring(
+      params, ValOnly(), _with(config, **{'eval.scoring': 'auto'}), out,
+      lambda images: proxy_anomalies.proxy_set(images, config.anomalies,
+                                               draws=1))
+  assert asked and set(asked) == {'val'}
+  assert chosen.eval.scoring in scoring_choice.CANDIDATES
+
+
+def test_no_proxy_evidence_keeps_the_papers_map():
+  assert scoring_choice.choose({}) == 'crd'

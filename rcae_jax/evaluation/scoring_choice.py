@@ -53,9 +53,9 @@ def proxy_scores(maps: np.ndarray, masks: np.ndarray,
 
 def choose(rows: dict) -> str:
   """The candidate whose proxy mean is highest ({name: proxy_scores});
-  ties go to the earlier name of CANDIDATES."""
-  return max((n for n in CANDIDATES if n in rows),
-             key=lambda n: (rows[n]['mean'], -CANDIDATES.index(n)))
+  ties, and no rows at all, go to the earlier name of CANDIDATES."""
+  return max(CANDIDATES, key=lambda n: (rows[n]['mean'] if n in rows
+                                          else -1.0, -CANDIDATES.index(n)))
 
 
 def resolve(config, workdir: str):
@@ -114,7 +114,13 @@ def choose_scoring(params, loader, config, workdir: str, make_proxy):
   valid = np.tile(np.asarray(geometry.valid_mask(extents, hw)),
                   (draws, 1, 1))
   rows = {}
-  for name in CANDIDATES:
+  if not masks[valid].any():
+    # Nothing visible was pasted (a tiny or blank held-out split): no
+    # evidence against the paper's map, which is kept.
+    logging.warning("eval.scoring='auto': the proxy set of %d held-out "
+                    'images has no visible pseudo-anomaly; keeping %r',
+                    len(images), CANDIDATES[0])
+  for name in CANDIDATES if masks[valid].any() else ():
     cfg = with_scoring(config, name)
     # 'fused' divides by medians of the held-out good images' maps; they
     # are written beside thresholds.json as evaluation would.

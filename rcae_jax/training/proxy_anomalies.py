@@ -32,6 +32,9 @@ def proxy_set(images: np.ndarray, anomaly_cfg, draws: int = DRAWS):
   H, W]) of `images` with 'realistic' pseudo-anomalies."""
   cfg = anomaly_cfg.copy_and_resolve_references()
   cfg.style = 'realistic'
+  # Every draw anomalous: the clean images are already in the proxy's
+  # negatives, and a small held-out split must still yield positives.
+  cfg.realistic.clean_fraction = 0.0
   x = inference.to_float(images)
   synth = jax.jit(lambda key, x: anomalies.synthesize(key, x, cfg))
   outs = [synth(jax.random.PRNGKey(PROXY_SEED + d), x) for d in range(draws)]
