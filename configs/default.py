@@ -290,11 +290,15 @@ def get_config() -> ml_collections.ConfigDict:
   # (rcae_jax/evaluation/scoring_choice.py).
   ev.scoring = 'crd'
   # Image score: 'max' of the map after smoothing with `smoothing`
-  # ('box' or 'gaussian', `smoothing_size` pixels at the model size: scale
-  # it with data.image_size, as configs/tpu.py does), or 'mean'.
+  # ('box', 'box_valid' (the box average over in-image pixels only, so the
+  # border is not diluted) or 'gaussian', `smoothing_size` pixels at the
+  # model size: scale it with data.image_size, as configs/tpu.py does),
+  # 'top_mean' (the mean of the map's highest `top_fraction` of pixels:
+  # 0.001 is 16 px at 128 px, a tiny defect's size) or 'mean'.
   ev.image_score = 'max'
   ev.smoothing = 'box'
   ev.smoothing_size = 8
+  ev.top_fraction = 0.001
   # Batch size for evaluation.
   ev.batch_size = 16
   # Learning curves (ours): every this many steps of each stage, and at

@@ -116,8 +116,11 @@ def validate(config) -> None:
                       "'crd', 'recursion' or 'fused'")
   choice(e.recursion_reduce, 'eval.recursion_reduce',
           ('mean', 'max', 'last'))
-  choice(e.image_score, 'eval.image_score', ('max', 'mean'))
-  choice(e.smoothing, 'eval.smoothing', ('box', 'gaussian'))
+  choice(e.image_score, 'eval.image_score', ('max', 'mean', 'top_mean'))
+  choice(e.smoothing, 'eval.smoothing', ('box', 'box_valid', 'gaussian'))
+  if not 0 < e.top_fraction <= 1:
+    raise ConfigError('config.eval.top_fraction must lie in (0, 1], got '
+                      f'{e.top_fraction!r}')
   choice(e.pixel_resolution, 'eval.pixel_resolution',
           ('ground_truth', 'model'))
   levels_in_use = m.depth if m.recursion == 'depth' else m.iterative_levels

@@ -3,6 +3,8 @@ that issue 36's screen compares."""
 
 import numpy as np
 
+from conftest import tiny_config
+from rcae_jax.evaluation import scoring
 from rcae_jax.tools import map_screen
 
 
@@ -21,24 +23,32 @@ def test_positional_z_makes_a_recurring_edge_normal():
 
 def test_border_correct_box_keeps_a_flat_map_flat():
   maps = np.full((1, 16, 16), 0.5, np.float32)
-  # Zero padding lowers the border of the smoothed map; the corrected
-  # average over in-image pixels does not.
-  sums = np.asarray(map_screen.scoring.box_blur(maps, 5))
-  assert sums[0, 0, 0] < 0.5 * 0.5
-  np.testing.assert_allclose(map_screen.box_max_border(maps, 5), [0.5],
+  # Zero padding lowers the border of the smoothed map; the average over
+  # in-image pixels does not.
+  assert np.asarray(scoring.box_blur(maps, 5))[0, 0, 0] < 0.5 * 0.5
+  np.testing.assert_allclose(scoring.box_blur_valid(maps, 5), maps,
                              rtol=1e-6)
-  maps[0, 0, 0] = 1.0  # A corner pixel now stands out in the average.
-  assert map_screen.box_max_border(maps, 5)[0] > map_screen.image_scores(
-      maps, _Eval())['box_max'][0]
+  # Keep-aspect padding (invalid pixels) counts neither way.
+  valid = np.zeros((1, 16, 16), bool)
+  valid[:, :, :8] = True
+  np.testing.assert_allclose(
+      np.asarray(scoring.box_blur_valid(maps, 5, valid))[valid], 0.5,
+      rtol=1e-6)
 
 
-def test_top_mean_is_the_mean_of_the_highest_pixels():
+def test_top_mean_is_the_mean_of_the_highest_valid_pixels():
   maps = np.zeros((1, 100, 100), np.float32)
   maps[0, 0, :10] = np.arange(10)
-  np.testing.assert_allclose(map_screen.top_mean(maps, 0.0005), [7.0])
+  np.testing.assert_allclose(scoring.top_mean(maps, 0.0005), [7.0])
+  valid = np.ones_like(maps, bool)
+  valid[0, 0, 9] = False  # The 9 is padding: 4..8 are the top five.
+  np.testing.assert_allclose(scoring.top_mean(maps, 0.0005, valid), [6.0])
 
 
-class _Eval:
-  image_score = 'max'
-  smoothing = 'box'
-  smoothing_size = 5
+def test_the_screens_scores_are_evaluations():
+  maps = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)
+  cfg = tiny_config().eval
+  got = map_screen.image_scores(maps, cfg)
+  cfg.image_score, cfg.top_fraction = 'top_mean', map_screen.TOP_FRACTION
+  np.testing.assert_allclose(got['top_mean'],
+                             scoring.image_scores(maps, cfg), rtol=1e-6)

@@ -1,7 +1,8 @@
 """How maps and scores are made from a model's outputs, as one jnp
 implementation for every caller: the map smoothing, the image score (ours:
-the maximum of the map after `box` or `gaussian` smoothing of
-`eval.smoothing_size` px, or its mean) and the recursion error map. The
+the maximum of the map after `box`, `box_valid` or `gaussian` smoothing of
+`eval.smoothing_size` px, the mean of its top `eval.top_fraction`, or its
+mean) and the recursion error map. The
 config checks of the choice of map are in scoring_checks.py."""
 
 from __future__ import annotations
@@ -40,6 +41,31 @@ def box_blur(maps: jax.Array, size: int) -> jax.Array:
   return summed / (size * size)
 
 
+def box_blur_valid(maps: jax.Array, size: int, valid=None) -> jax.Array:
+  """The box average over the pixels under the box that lie inside the
+  image (and `valid`), not over size x size: the zero padding of
+  `box_blur` lowers the map along its border (ours, `smoothing='box_valid'`)."""
+  if size <= 1:
+    return maps
+  inside = (jnp.ones_like(maps) if valid is None
+            else valid.astype(maps.dtype))
+  window = lambda m: jax.lax.reduce_window(m, 0.0, jax.lax.add,
+                                           (1, size, size), (1, 1, 1), 'SAME')
+  return window(maps * inside) / jnp.maximum(window(inside), 1.0)
+
+
+def top_mean(maps: jax.Array, fraction: float, valid=None) -> jax.Array:
+  """[B] means of the highest `fraction` of each map's pixels (at least
+  one), outside `valid` never among them: a defect of that size scores
+  its own mean, wherever it lies (ours, `image_score='top_mean'`)."""
+  flat = maps.reshape(maps.shape[0], -1)
+  if valid is not None:
+    flat = jnp.where(valid.reshape(flat.shape), flat, -jnp.inf)
+  k = max(1, int(round(fraction * flat.shape[1])))
+  top = jax.lax.top_k(flat, k)[0]
+  return jnp.where(jnp.isfinite(top), top, 0.0).mean(axis=1)
+
+
 def image_scores(maps: jax.Array, eval_cfg, valid=None) -> jax.Array:
   """[B, H, W] maps to [B] scores. `valid` (bool [B, H, W], or None for
   all): the region the score may come from. Outside it (the padding of
@@ -51,8 +77,12 @@ def image_scores(maps: jax.Array, eval_cfg, valid=None) -> jax.Array:
     if valid is None:
       return maps.mean(axis=(1, 2))
     return maps.sum(axis=(1, 2)) / jnp.maximum(valid.sum(axis=(1, 2)), 1)
+  if eval_cfg.image_score == 'top_mean':
+    return top_mean(maps, eval_cfg.top_fraction, valid)
   if eval_cfg.smoothing == 'gaussian':
     smooth = gaussian_blur(maps, eval_cfg.smoothing_size / 3)
+  elif eval_cfg.smoothing == 'box_valid':
+    smooth = box_blur_valid(maps, eval_cfg.smoothing_size, valid)
   else:
     smooth = box_blur(maps, eval_cfg.smoothing_size)
   if valid is not None:

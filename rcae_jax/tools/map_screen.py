@@ -55,23 +55,16 @@ def positional_z(maps: np.ndarray, val_maps: np.ndarray) -> np.ndarray:
   return (maps - mu) / (sd + eps)
 
 
-def box_max_border(maps: np.ndarray, size: int) -> np.ndarray:
-  """Max over each map of its box average over in-image pixels only."""
-  sums = np.asarray(scoring.box_blur(maps, size))
-  counts = np.asarray(scoring.box_blur(np.ones_like(maps[:1]), size))
-  return (sums / counts).max(axis=(1, 2))
-
-
-def top_mean(maps: np.ndarray, fraction: float = TOP_FRACTION) -> np.ndarray:
-  flat = maps.reshape(len(maps), -1)
-  k = max(1, int(round(fraction * flat.shape[1])))
-  return np.sort(flat, axis=1)[:, -k:].mean(axis=1)
-
-
 def image_scores(maps: np.ndarray, eval_cfg) -> dict:
-  return {'box_max': np.asarray(scoring.image_scores(maps, eval_cfg)),
-          'box_max_border': box_max_border(maps, eval_cfg.smoothing_size),
-          'top_mean': top_mean(maps)}
+  """{SCORES name: [n] image scores} through evaluation/scoring.py."""
+  def score(**fields):
+    cfg = eval_cfg.copy_and_resolve_references()
+    cfg.update(fields)
+    return np.asarray(scoring.image_scores(maps, cfg))
+  return {'box_max': score(image_score='max', smoothing='box'),
+          'box_max_border': score(image_score='max', smoothing='box_valid'),
+          'top_mean': score(image_score='top_mean',
+                            top_fraction=TOP_FRACTION)}
 
 
 def make_report(params, loader, config) -> dict:
