@@ -48,6 +48,15 @@ the same kind (2026-12-01) the recipe's steps were calibrated at about
 it on KolektorSDD but beat CRD's pixel metrics on capsules (pixel AUROC
 0.953, AU-PRO 0.788; docs/results.md, "The plain N = 1 autoencoder at
 equal compute"): on smooth objects, also try `--config.eval.scoring=recursion`.
+
+MVTec 3D-AD tire (RGB, dark defects on a dark part; 2-core AMD EPYC CPU,
+2026-12-07, seed 0; docs/studies/2026-12-07-accuracy-round-three.md):
+0.527 / 0.340, AU-PRO 0.196 (CRD's map inverted), while the same model's
+recursion map reaches 0.490 / 0.941, AU-PRO 0.809. The options
+`--config.model.crd_head=plain --config.train.stage3.loss=focal` lifted
+CRD's map to 0.600 / 0.842 / 0.615 there (one seed, one category: not
+adopted), and with `--config.eval.scoring=auto` (chose 'fused') to
+0.552 / 0.928 / 0.777.
 """
 
 import ml_collections
