@@ -3,11 +3,14 @@ save an overlay: the Python API end to end (docs/python_api.md).
 
     python examples/quickstart.py --workdir workdirs/quickstart
 
-Trains configs/default.py with every stage shortened (about 3-4 min on
-2 CPU cores; a quick look, not a good detector: the README's commands
-train the full recipe), then scores two frames made in memory, one clean
-and one with a stain, and writes <workdir>/quickstart_overlay.png.
-Rerunning resumes the workdir and only scores again.
+Trains configs/default.py with every stage shortened, then scores two
+frames made in memory, one clean and one with a stain, and writes
+<workdir>/quickstart_overlay.png. Rerunning resumes the workdir and only
+scores again. Measured 2026-12-07 on a 2-core AMD EPYC CPU, cores idle:
+211 s; the clean frame scored 0.092, the stained one 0.149, both OK
+against the threshold of 0.440. That is the API at work, not a detector:
+training this short does not find the stain; the README's first command
+trains the full default run (about 8 min), which does.
 """
 
 import argparse

@@ -103,7 +103,7 @@ def candidate_maps(params, xs, config, normalisers) -> np.ndarray:
 
 def choose_scoring(params, loader, config, workdir: str, make_proxy):
   """Scores the proxy set with every candidate map, writes the choice and
-  the proxy's numbers to <workdir>/json, and returns
+  the proxy's numbers to <workdir>/scoring_choice.json, and returns
   `config` scoring with the chosen map. `make_proxy(images)`: (float
   images [M, H, W, 3], bool masks [M, H, W]), M a multiple of the held-out
   images' count (training/proxy_anomalies.proxy_set)."""
@@ -113,14 +113,14 @@ def choose_scoring(params, loader, config, workdir: str, make_proxy):
   hw = xs.shape[1:3]
   valid = np.tile(np.asarray(geometry.valid_mask(extents, hw)),
                   (draws, 1, 1))
-  rows = {}
-  if not masks[valid].any():
+  rows, visible = {}, bool(masks[valid].any())
+  if not visible:
     # Nothing visible was pasted (a tiny or blank held-out split): no
     # evidence against the paper's map, which is kept.
     logging.warning("eval.scoring='auto': the proxy set of %d held-out "
                     'images has no visible pseudo-anomaly; keeping %r',
                     len(images), CANDIDATES[0])
-  for name in CANDIDATES if masks[valid].any() else ():
+  for name in CANDIDATES if visible else ():
     cfg = with_scoring(config, name)
     # 'fused' divides by medians of the held-out good images' maps; they
     # are written beside thresholds.json as evaluation would.
