@@ -26,6 +26,7 @@ import numpy as np
 
 from rcae_jax.common import fileio
 from rcae_jax.data import geometry
+from rcae_jax.evaluation import fusion
 from rcae_jax.evaluation import maps as maps_lib
 from rcae_jax.evaluation import metrics
 from rcae_jax.evaluation import thresholds as thresholds_lib
@@ -84,10 +85,11 @@ def held_out_images(loader, batch_size: int):
   return np.concatenate(images), np.asarray(loader.extents('val'))
 
 
-def candidate_maps(params, xs, config, normalisers) -> np.ndarray:
-  """The map of `config`'s scoring for every proxy image, [M, H, W], in
-  batches of eval.batch_size (the last one padded: one program)."""
-  predict_fn = maps_lib.make_predict_fn(config, normalisers=normalisers)
+def candidate_maps(params, xs, config) -> np.ndarray:
+  """The map of `config`'s scoring ('crd' or 'recursion') for every proxy
+  image, [M, H, W], in batches of eval.batch_size (the last one padded:
+  one program)."""
+  predict_fn = maps_lib.make_predict_fn(config)
   params = maps_lib.place_params(predict_fn, params)
   size = config.eval.batch_size
   out = []
@@ -120,14 +122,18 @@ def choose_scoring(params, loader, config, workdir: str, make_proxy):
     logging.warning("eval.scoring='auto': the proxy set of %d held-out "
                     'images has no visible pseudo-anomaly; keeping %r',
                     len(images), CANDIDATES[0])
-  for name in CANDIDATES if visible else ():
-    cfg = with_scoring(config, name)
-    # 'fused' divides by medians of the held-out good images' maps; they
-    # are written beside thresholds.json as evaluation would.
-    normalisers = thresholds_lib.fusion_normalisers(params, loader, cfg,
-                                                    workdir)
-    rows[name] = proxy_scores(
-        candidate_maps(params, xs, cfg, normalisers), masks, valid)
+  if visible:
+    # Two passes of the networks: 'fused' is those two maps over the
+    # medians of the held-out good images' maps (fusion.py), which are
+    # written beside thresholds.json as evaluation would.
+    maps = {name: candidate_maps(params, xs, with_scoring(config, name))
+            for name in ('crd', 'recursion')}
+    maps['fused'] = fusion.fuse(maps['crd'], maps['recursion'],
+                                thresholds_lib.fusion_normalisers(
+                                    params, loader,
+                                    with_scoring(config, 'fused'), workdir))
+    rows = {name: proxy_scores(maps[name], masks, valid)
+            for name in CANDIDATES}
   choice = choose(rows)
   record = {'choice': choice, 'proxy': rows,
             'num_held_out_images': int(len(images)), 'draws': draws,
